@@ -1,0 +1,1 @@
+"""rsepm_jax: RecurSeed + EdgePredictMix weakly-supervised semantic segmentation in JAX/Flax."""

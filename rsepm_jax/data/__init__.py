@@ -1,0 +1,1 @@
+"""Dataset sources, grain transforms and input pipelines."""

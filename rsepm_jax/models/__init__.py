@@ -1,0 +1,1 @@
+"""Networks (Flax Linen) and weight conversion."""

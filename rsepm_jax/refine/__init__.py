@@ -1,0 +1,1 @@
+"""Pseudo-mask refinement: pure array functions with no parameters (SCG, PAMR, RecurSeed, EPM)."""
