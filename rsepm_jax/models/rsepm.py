@@ -1,0 +1,73 @@
+"""The single-stage RS+EPM network: ResNet backbone, CAM classifier, DeepLabv3+ head (spec 1)."""
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from rsepm_jax.models import decoder
+from rsepm_jax.models import resnet
+
+BACKBONES = ("resnet50", "resnet101", "tiny")
+
+
+def normalized_cam(cams):
+  """Per-class max-normalised CAM, `relu(cam) / (max_hw relu(cam) + 1e-5)` (spec 1.2).
+
+  cams: [B, h, w, C] raw CAM logits -> [B, h, w, C] in [0, 1); all-negative maps give 0.
+  """
+  cams = nn.relu(cams)
+  return cams / (jnp.max(cams, axis=(1, 2), keepdims=True) + 1e-5)
+
+
+class RSEPMNet(nn.Module):
+  """RS+EPM network (spec 1.1-1.3).
+
+  `__call__(images [B, H, W, 3] float32 normalised, train)` returns
+    cams: [B, H/s, W/s, C] float32 raw CAM logits (s = output stride of C5),
+    cls_logits: [B, C] float32, the global average of `cams`,
+    features: {"C1".."C5"} backbone features in `dtype`,
+    seg_logits: [B, H/4, W/4, C + 1] float32 decoder logits (only when `with_decoder`).
+  Submodules: `backbone`, `classifier` (1x1 conv, no bias), `aspp`, `decoder`.
+  """
+  num_classes: int
+  backbone: str = "resnet50"  # one of BACKBONES
+  backbone_width: int = 8  # stem width of the "tiny" backbone only
+  output_stride: int = 16
+  last_stride: int = 1
+  with_decoder: bool = True
+  decoder_channels: int = 256
+  low_level_channels: int = 256  # 256 in RS+EPM, 48 in the multi-stage DeepLabv3+
+  aspp_dilations: Optional[Sequence[int]] = None  # None: (6, 12, 18) at OS16, x2 at OS8
+  dtype: Any = jnp.float32
+  bn_axis_name: Optional[str] = None
+
+  def _backbone_module(self):
+    common = dict(output_stride=self.output_stride, last_stride=self.last_stride,
+                  dtype=self.dtype, bn_axis_name=self.bn_axis_name, name="backbone")
+    if self.backbone == "resnet50":
+      return resnet.resnet(50, **common)
+    if self.backbone == "resnet101":
+      return resnet.resnet(101, **common)
+    if self.backbone == "tiny":
+      return resnet.tiny_resnet(width=self.backbone_width, **common)
+    raise ValueError(f"Unknown backbone {self.backbone!r}; choose one of {BACKBONES}.")
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    features = self._backbone_module()(images, train)
+    cams = resnet.conv2d(self.num_classes, 1, dtype=self.dtype, name="classifier")(
+        features["C5"]).astype(jnp.float32)
+    outputs = {"cams": cams, "cls_logits": jnp.mean(cams, axis=(1, 2)), "features": features}
+    if self.with_decoder:
+      dilations = self.aspp_dilations
+      if dilations is None:
+        dilations = (6, 12, 18) if self.output_stride == 16 else (12, 24, 36)
+      aspp_features = decoder.ASPP(self.decoder_channels, dilations, dtype=self.dtype,
+                                   bn_axis_name=self.bn_axis_name, name="aspp")(
+                                       features["C5"], train)
+      seg_logits = decoder.DeepLabV3PlusDecoder(
+          self.num_classes, self.decoder_channels, self.low_level_channels,
+          dtype=self.dtype, bn_axis_name=self.bn_axis_name, name="decoder")(
+              aspp_features, features["C2"], train)
+      outputs["seg_logits"] = seg_logits.astype(jnp.float32)
+    return outputs
