@@ -1,0 +1,355 @@
+"""EdgePredictMix, CutMix and ClassMix of a training batch (spec 5.2, a reconstruction).
+
+Every choice is a field of `MixSettings`. For every image i of a batch and its partner j (a random permutation of the batch):
+
+    edges_j     = thresholded probability difference between 4-neighbours of P_j (spec 5.2
+                  step 1), or the Canny edges of x_j, or both
+    completed_j = seed_j with the uncertain pixels of every edge-bounded region set to the
+                  region's majority certain label; background on edges -> ignore (step 2)
+    M_j         = completed_j in the selected foreground classes (EPM), seed_j in a random half
+                  of its classes (ClassMix), or a random rectangle (CutMix)
+    x_mix = M_j ? x_j : x_i        seed_mix = M_j ? seed_j : seed_i   (step 3)
+                  EPM: 255 on edges_j next to the boundary of M_j where the two labels differ
+    y_mix = y_i | classes pasted from j
+
+Everything runs under `stop_gradient`; nothing here has parameters. Seeds and probabilities live
+on the mask grid (h, w); images on the input grid (H, W) = stride * (h, w).
+"""
+import dataclasses
+import functools
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from rsepm_jax import image_ops
+from rsepm_jax.refine import canny as canny_lib
+from rsepm_jax.refine import components
+
+IGNORE = 255
+_KINDS = ("epm", "cutmix", "classmix")
+_EDGE_SOURCES = ("probability", "canny", "both")
+_CLASS_SUBSETS = ("all", "half")
+# OpenCV's uint8 RGB -> gray: 0.299 R + 0.587 G + 0.114 B in Q14 fixed point, rounded half up.
+_GRAY_WEIGHTS_Q14 = (4899, 9617, 1868)
+_GRAY_SHIFT = 14
+
+
+@dataclasses.dataclass(frozen=True)
+class MixSettings:
+  """Static mixing knobs (spec 5.2); the defaults are the spec's proposal."""
+  kind: str = "epm"  # epm | cutmix | classmix
+  edge_source: str = "probability"  # EPM edges: probability | canny | both (their OR)
+  edge_low_th: float = 0.10  # thresholding: median over the edge values >= low_th ...
+  edge_sigma: float = 0.25  # ... edge = value >= min(1, (1 + sigma) * median)
+  canny_low: float = 10.0  # Canny hysteresis thresholds on the uint8 grey image
+  canny_high: float = 100.0
+  canny_blur: int = 5  # Gaussian pre-blur size of `cv2.GaussianBlur((k, k), 0)`
+  fill_regions: bool = True  # EPM: complete the seed inside edge-bounded regions (step 2)
+  class_subset: str = "all"  # EPM: all | half of the partner's classes (ClassMix always half)
+  ignore_edge_band: bool = True  # EPM: ignore edge pixels next to the boundary of the mask
+  drop_covered_classes: bool = False  # drop a class of i whose seed is entirely covered
+
+  def __post_init__(self):
+    for name, allowed in (("kind", _KINDS), ("edge_source", _EDGE_SOURCES),
+                          ("class_subset", _CLASS_SUBSETS)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(
+            f"MixSettings.{name}={getattr(self, name)!r}; expected one of {allowed}.")
+
+
+def probability_edges(probs):
+  """Probability difference to the 4-neighbours (spec 5.2 step 1).
+
+  E(x) = 0.5 * max over the 4-neighbours x' of ||P(x) - P(x')||_1, clipped to 1 (RecurSeed's P
+  is not normalised per pixel). Neighbours outside the image contribute 0.
+
+  Args:
+    probs: [B, h, w, K] per-pixel class probabilities.
+
+  Returns:
+    float32 [B, h, w] in [0, 1].
+  """
+  # The L1 norm is summed plane by plane: XLA:CPU reduces a short minor axis about 5x slower.
+  planes = [probs[..., k].astype(jnp.float32) for k in range(probs.shape[-1])]
+  right = sum(jnp.abs(plane[:, :, 1:] - plane[:, :, :-1]) for plane in planes)  # [B, h, w - 1]
+  down = sum(jnp.abs(plane[:, 1:] - plane[:, :-1]) for plane in planes)  # [B, h - 1, w]
+  no_pad = (0, 0)
+  largest = functools.reduce(jnp.maximum, (
+      jnp.pad(right, (no_pad, no_pad, (0, 1))), jnp.pad(right, (no_pad, no_pad, (1, 0))),
+      jnp.pad(down, (no_pad, (0, 1), no_pad)), jnp.pad(down, (no_pad, (1, 0), no_pad))))
+  return jnp.minimum(0.5 * largest, 1.0)
+
+
+def threshold_edges(edge_map, low_th=0.10, sigma=0.25):
+  """Adaptive binarisation of a soft edge map, per image (spec 5.1 `thresholding`).
+
+  v = median of the values >= `low_th`; edges = value >= min(1, (1 + sigma) * v). An image with
+  no value >= `low_th` has no edges. Works on the [0, 1] map directly (the original quantises
+  255 * E to uint8 first).
+
+  Args:
+    edge_map: [B, h, w] float in [0, 1].
+    low_th, sigma: see above.
+
+  Returns:
+    bool [B, h, w].
+  """
+  flat = edge_map.reshape(edge_map.shape[0], -1).astype(jnp.float32)
+  candidate = flat >= low_th
+  median = jnp.nanmedian(jnp.where(candidate, flat, jnp.nan), axis=1)
+  upper = jnp.minimum(1.0, (1.0 + sigma) * median)
+  edges = candidate.any(axis=1, keepdims=True) & (flat >= upper[:, None])
+  return edges.reshape(edge_map.shape)
+
+
+def _opencv_gray(image):
+  """Normalised RGB `[B, H, W, 3]` -> the uint8 grey levels of OpenCV's `cvtColor`, as float32."""
+  rgb = jnp.clip(jnp.round(image_ops.denormalize(image.astype(jnp.float32))), 0, 255)
+  weighted = jnp.sum(rgb.astype(jnp.int32) * jnp.asarray(_GRAY_WEIGHTS_Q14, jnp.int32), axis=-1)
+  return ((weighted + (1 << (_GRAY_SHIFT - 1))) >> _GRAY_SHIFT).astype(jnp.float32)
+
+
+def image_edges(image, size, settings):
+  """Canny edges of the image pooled onto the mask grid (spec 5.1 `get_edge`, 5.2 step 1).
+
+  Args:
+    image: [B, H, W, 3] float32, ImageNet-normalised RGB.
+    size: (h, w) mask grid; H and W must be multiples of h and w.
+    settings: `MixSettings` (canny_low, canny_high, canny_blur).
+
+  Returns:
+    bool [B, h, w]: True where any pixel of the block is a Canny edge.
+  """
+  batch, height, width = image.shape[:3]
+  if height % size[0] or width % size[1]:
+    raise ValueError(f"image_edges: image size {(height, width)} is not a multiple of the mask "
+                     f"size {tuple(size)}.")
+  edges = canny_lib.canny(_opencv_gray(image), settings.canny_low, settings.canny_high,
+                          settings.canny_blur)
+  blocks = edges.reshape(batch, size[0], height // size[0], size[1], width // size[1])
+  return blocks.any(axis=(2, 4))
+
+
+def predicted_edges(probs, image, settings):
+  """Binary edges on the mask grid from `settings.edge_source` (spec 5.2 step 1).
+
+  Args:
+    probs: [B, h, w, C + 1] refined probabilities, background first.
+    image: [B, H, W, 3] float32 normalised images (used by the Canny sources).
+    settings: `MixSettings`.
+
+  Returns:
+    bool [B, h, w].
+  """
+  edges = []
+  if settings.edge_source in ("probability", "both"):
+    edges.append(threshold_edges(probability_edges(probs), settings.edge_low_th,
+                                 settings.edge_sigma))
+  if settings.edge_source in ("canny", "both"):
+    edges.append(image_edges(image, probs.shape[1:3], settings))
+  return functools.reduce(jnp.logical_or, edges)
+
+
+def fill_regions(seed, edges, num_classes, valid=None):
+  """Edge-bounded completion of a seed (spec 5.1 `get_CCL`, 5.2 step 2).
+
+  The non-edge (valid) pixels are split into 4-connected regions. Inside every region the
+  ignored pixels take the majority certain label (0..C; ties go to the smaller label); a region
+  without certain pixels is left as it is. Edge pixels labelled background become ignore; edge
+  pixels with a class keep it.
+
+  Args:
+    seed: int [B, h, w]; 0 background, c + 1 class c, 255 ignore.
+    edges: bool [B, h, w].
+    num_classes: C, the number of foreground classes (static).
+    valid: optional bool [B, h, w]; pixels outside (the crop padding) belong to no region.
+
+  Returns:
+    int32 [B, h, w].
+  """
+  seed = seed.astype(jnp.int32)
+  batch, height, width = seed.shape
+  num_labels = num_classes + 1
+  regions = ~edges if valid is None else ~edges & valid
+  region_id = components.label(regions, connectivity=4).reshape(batch, -1)  # 0..h*w
+  flat_seed = seed.reshape(batch, -1)
+  certain = (region_id > 0) & (flat_seed != IGNORE)
+  # One histogram of (region, label) pairs per image; uncounted pixels add 0 to bin 0.
+  pair = jnp.where(certain, region_id * num_labels + flat_seed, 0)
+  counts = jnp.zeros((batch, (height * width + 1) * num_labels), jnp.int32)
+  counts = counts.at[jnp.arange(batch)[:, None], pair].add(certain.astype(jnp.int32))
+  counts = counts.reshape(batch, height * width + 1, num_labels)
+  majority = jnp.take_along_axis(jnp.argmax(counts, axis=-1), region_id, axis=1)
+  has_certain = jnp.take_along_axis(jnp.any(counts > 0, axis=-1), region_id, axis=1)
+  fill = (flat_seed == IGNORE) & (region_id > 0) & has_certain
+  completed = jnp.where(fill, majority, flat_seed).reshape(seed.shape)
+  return jnp.where(edges & (completed == 0), IGNORE, completed).astype(jnp.int32)
+
+
+def _class_presence(seed, num_classes, where=None):
+  """bool [B, C]: class c has a pixel c + 1 in `seed [B, h, w]` (inside `where`, if given)."""
+  batch = seed.shape[0]
+  counted = jnp.ones(seed.shape, jnp.int32) if where is None else where.astype(jnp.int32)
+  # A histogram over all label values 0..255, so ignore pixels need no special case.
+  histogram = jnp.zeros((batch, IGNORE + 1), jnp.int32).at[
+      jnp.arange(batch)[:, None], seed.reshape(batch, -1)].add(counted.reshape(batch, -1))
+  return histogram[:, 1:num_classes + 1] > 0
+
+
+def _pixels_of_classes(seed, classes):
+  """bool [B, h, w]: pixels of `seed` whose label c + 1 has `classes[b, c]` set."""
+  batch, num_classes = classes.shape
+  # Look-up table over all label values 0..255: only the selected class labels are True.
+  table = jnp.zeros((batch, IGNORE + 1), bool).at[:, 1:num_classes + 1].set(classes)
+  return jnp.take_along_axis(table, seed.reshape(batch, -1), axis=1).reshape(seed.shape)
+
+
+def _random_half(keys, present):
+  """A random ceil(n / 2) of the n present classes of each image: bool [B, C], key per image."""
+  draws = jax.vmap(lambda key: jax.random.uniform(key, present.shape[1:]))(keys)
+  scores = jnp.where(present, draws, 2.0)
+  rank = jnp.argsort(jnp.argsort(scores, axis=1), axis=1)
+  count = jnp.sum(present, axis=1, keepdims=True)
+  return present & (rank < (count + 1) // 2)
+
+
+def _random_rectangles(keys, size):
+  """CutMix boxes on the `size` grid: area ratio ~ U(0, 1), uniform position inside; [B, h, w]."""
+  def one_box(key):
+    ratio_key, top_key, left_key = jax.random.split(key, 3)
+    side = jnp.sqrt(jax.random.uniform(ratio_key))
+    box_height = jnp.round(side * size[0]).astype(jnp.int32)
+    box_width = jnp.round(side * size[1]).astype(jnp.int32)
+    top = jax.random.randint(top_key, (), 0, size[0] - box_height + 1)
+    left = jax.random.randint(left_key, (), 0, size[1] - box_width + 1)
+    return jnp.stack([top, left, top + box_height, left + box_width])
+  return image_ops.box_mask(jax.vmap(one_box)(keys), size)
+
+
+def _boundary_band(mask):
+  """bool [B, h, w]: pixels whose 3x3 neighbourhood holds both mask and non-mask pixels.
+
+  Outside the image counts as neither, so the image border is no boundary.
+  """
+  as_int = mask.astype(jnp.int32)
+  window, strides = (1, 3, 3), (1, 1, 1)
+  dilated = lax.reduce_window(as_int, 0, lax.max, window, strides, "SAME")
+  eroded = lax.reduce_window(as_int, 1, lax.min, window, strides, "SAME")
+  return dilated != eroded
+
+
+def _check_shapes(images, seeds, probs, labels, crop_box):
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"mix: images must be [B, H, W, 3], got {images.shape}.")
+  batch, height, width = images.shape[:3]
+  if seeds.ndim != 3 or seeds.shape[0] != batch:
+    raise ValueError(f"mix: seeds must be [B={batch}, h, w], got {seeds.shape}.")
+  if height % seeds.shape[1] or width % seeds.shape[2]:
+    raise ValueError(f"mix: image size {(height, width)} is not a multiple of the seed size "
+                     f"{seeds.shape[1:]}.")
+  if probs.shape[:3] != seeds.shape or probs.ndim != 4:
+    raise ValueError(f"mix: probs must be [B, h, w, C + 1] on the seed grid {seeds.shape}, got "
+                     f"{probs.shape}.")
+  if labels.shape != (batch, probs.shape[-1] - 1):
+    raise ValueError(f"mix: labels must be [B, C] = {(batch, probs.shape[-1] - 1)} (C from probs), "
+                     f"got {labels.shape}.")
+  if crop_box.shape != (batch, 4):
+    raise ValueError(f"mix: crop_box must be [B={batch}, 4], got {crop_box.shape}.")
+
+
+BATCH_FIELDS = ("images", "seeds", "probs", "labels", "crop_box")
+
+
+def mix_pairs(keys, target, partner, settings):
+  """Mixes row i of `partner` into row i of `target` (spec 5.2 step 3).
+
+  Args:
+    keys: [B] PRNG keys, one per target image (class subsets, rectangles), so results do not
+      depend on how a global batch is split over devices.
+    target, partner: dicts of aligned batches with
+      images: [B, H, W, 3] float32 normalised images,
+      seeds: int [B, h, w] RecurSeed seeds (0 background, c + 1 class c, 255 ignore),
+      probs: [B, h, w, C + 1] refined probabilities, background first (EPM edges),
+      labels: [B, C] multi-hot tags,
+      crop_box: int [B, 4] valid region (top, left, bottom, right) in image pixels.
+    settings: `MixSettings` (static).
+
+  Returns:
+    dict with `images [B, H, W, 3]`, `seeds int32 [B, h, w]`, `labels [B, C]` (dtype of the
+    input), `crop_box int32 [B, 4]` (union of both boxes) and `paste_mask bool [B, h, w]`
+    (M_j: the pixels that come from the partner).
+  """
+  for batch in (target, partner):
+    _check_shapes(*(batch[name] for name in BATCH_FIELDS))
+  target, partner = (
+      {name: lax.stop_gradient(batch[name]) for name in BATCH_FIELDS} for batch in (target, partner))
+  seeds, partner_seeds = (b["seeds"].astype(jnp.int32) for b in (target, partner))
+  crop_box, partner_box = (b["crop_box"].astype(jnp.int32) for b in (target, partner))
+  images, labels = target["images"], target["labels"]
+  height, width = images.shape[1:3]
+  mask_size = seeds.shape[1:]
+  num_classes = target["probs"].shape[-1] - 1
+
+  # What the partner pastes: its region seeds and paste mask.
+  region_seeds = partner_seeds
+  edges = None
+  if settings.kind == "cutmix":
+    paste = _random_rectangles(keys, mask_size)
+  else:
+    if settings.kind == "epm":
+      edges = predicted_edges(partner["probs"], partner["images"], settings)
+      if settings.fill_regions:
+        stride = height // mask_size[0]
+        valid = image_ops.box_mask(image_ops.scale_box(partner_box, stride), mask_size)
+        region_seeds = fill_regions(partner_seeds, edges, num_classes, valid)
+    present = _class_presence(region_seeds, num_classes)
+    half = settings.kind == "classmix" or settings.class_subset == "half"
+    selected = _random_half(keys, present) if half else present
+    paste = _pixels_of_classes(region_seeds, selected)
+
+  # The targets stay the CF seeds: completion only shapes M (ignore stays ignore).
+  mixed_seeds = jnp.where(paste, partner_seeds, seeds)
+  if edges is not None and settings.ignore_edge_band:
+    band = edges & _boundary_band(paste) & (partner_seeds != seeds)
+    mixed_seeds = jnp.where(band, IGNORE, mixed_seeds)
+
+  # Tags: the classes pasted (before the edge band, which hides no image content).
+  tags = labels > 0
+  pasted = _class_presence(region_seeds, num_classes, paste)
+  if settings.drop_covered_classes:
+    had = _class_presence(seeds, num_classes)
+    visible = _class_presence(seeds, num_classes, ~paste)
+    tags &= ~(had & ~visible)
+  mixed_labels = (tags | pasted).astype(labels.dtype)
+
+  paste_pixels = image_ops.resize_nearest(paste, (height, width))[..., None]
+  mixed_images = jnp.where(paste_pixels, partner["images"], images)
+  mixed_box = jnp.concatenate([jnp.minimum(crop_box[:, :2], partner_box[:, :2]),
+                               jnp.maximum(crop_box[:, 2:], partner_box[:, 2:])], axis=1)
+  return {"images": mixed_images, "seeds": mixed_seeds, "labels": mixed_labels,
+          "crop_box": mixed_box, "paste_mask": paste}
+
+
+def mix_with_partner(partner, rng, images, seeds, probs, labels, crop_box, settings):
+  """Mixes every image i with image `partner[i]` = j of the same batch (spec 5.2 step 3).
+
+  Args as in `mix_pairs` (the batch fields given separately), plus `partner int [B]` (a
+  permutation; identity mixes nothing) and `rng`, split into one key per image. Returns
+  `mix_pairs`' dict plus `partner int32 [B]`.
+  """
+  partner = partner.astype(jnp.int32)
+  target = dict(zip(BATCH_FIELDS, (images, seeds, probs, labels, crop_box)))
+  keys = jax.random.split(rng, images.shape[0])
+  mixed = mix_pairs(keys, target, {k: v[partner] for k, v in target.items()}, settings)
+  return {**mixed, "partner": partner}
+
+
+def mix_batch(rng, images, seeds, probs, labels, crop_box, settings):
+  """EPM / CutMix / ClassMix of a batch with a random permutation of itself (spec 5.2).
+
+  Args and returns as in `mix_with_partner`; `rng` draws the partner permutation as well.
+  """
+  partner_key, mix_key = jax.random.split(rng)
+  partner = jax.random.permutation(partner_key, images.shape[0])
+  return mix_with_partner(partner, mix_key, images, seeds, probs, labels, crop_box, settings)
