@@ -31,10 +31,11 @@ class ASPP(nn.Module):
   """Atrous spatial pyramid pooling of DeepLabv3 (spec 1.3).
 
   x: [B, h, w, C] -> [B, h, w, features]: a 1x1 branch, one 3x3 branch per dilation and an
-  image-pooling branch, concatenated, projected by a 1x1 ConvBlock, then Dropout(0.5).
+  image-pooling branch, concatenated, projected by a 1x1 ConvBlock, then Dropout (0.5).
   """
   features: int = 256
   dilations: Sequence[int] = (6, 12, 18)
+  dropout: float = 0.5
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
 
@@ -51,7 +52,7 @@ class ASPP(nn.Module):
     pooled = conv_block(1, "image_pool")(pooled, train)
     branches.append(image_ops.resize_bilinear(pooled, x.shape[1:3]))
     x = conv_block(1, "project")(jnp.concatenate(branches, axis=-1), train)
-    return nn.Dropout(0.5, deterministic=not train)(x)
+    return nn.Dropout(self.dropout, deterministic=not train)(x)
 
 
 class DeepLabV3PlusDecoder(nn.Module):
@@ -63,6 +64,7 @@ class DeepLabV3PlusDecoder(nn.Module):
   num_classes: int
   features: int = 256
   low_level_channels: int = 256
+  dropout: Sequence[float] = (0.5, 0.1)  # after the first and the second 3x3 ConvBlock
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
 
@@ -76,7 +78,7 @@ class DeepLabV3PlusDecoder(nn.Module):
     upsampled = image_ops.resize_bilinear(aspp_features, low_level.shape[1:3])
     x = jnp.concatenate([upsampled, low_level], axis=-1)
     x = conv_block(self.features, 3, "conv1")(x, train)
-    x = nn.Dropout(0.5, deterministic=not train)(x)
+    x = nn.Dropout(self.dropout[0], deterministic=not train)(x)
     x = conv_block(self.features, 3, "conv2")(x, train)
-    x = nn.Dropout(0.1, deterministic=not train)(x)
+    x = nn.Dropout(self.dropout[1], deterministic=not train)(x)
     return resnet.conv2d(self.num_classes + 1, 3, dtype=self.dtype, name="classifier")(x)

@@ -38,6 +38,8 @@ class RSEPMNet(nn.Module):
   decoder_channels: int = 256
   low_level_channels: int = 256  # 256 in RS+EPM, 48 in the multi-stage DeepLabv3+
   aspp_dilations: Optional[Sequence[int]] = None  # None: (6, 12, 18) at OS16, x2 at OS8
+  aspp_dropout: float = 0.5
+  decoder_dropout: Sequence[float] = (0.5, 0.1)
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
 
@@ -62,12 +64,13 @@ class RSEPMNet(nn.Module):
       dilations = self.aspp_dilations
       if dilations is None:
         dilations = (6, 12, 18) if self.output_stride == 16 else (12, 24, 36)
-      aspp_features = decoder.ASPP(self.decoder_channels, dilations, dtype=self.dtype,
+      aspp_features = decoder.ASPP(self.decoder_channels, dilations, self.aspp_dropout,
+                                   dtype=self.dtype,
                                    bn_axis_name=self.bn_axis_name, name="aspp")(
                                        features["C5"], train)
       seg_logits = decoder.DeepLabV3PlusDecoder(
           self.num_classes, self.decoder_channels, self.low_level_channels,
-          dtype=self.dtype, bn_axis_name=self.bn_axis_name, name="decoder")(
+          tuple(self.decoder_dropout), dtype=self.dtype, bn_axis_name=self.bn_axis_name, name="decoder")(
               aspp_features, features["C2"], train)
       outputs["seg_logits"] = seg_logits.astype(jnp.float32)
     return outputs

@@ -1,0 +1,114 @@
+"""Evaluation of CAM seeds and the decoder on a labelled split (spec 8.2).
+
+CAM seeds: per-class `relu(cam)` upsampled (bilinear, half-pixel) to the image, max-normalised
+over the valid image, GT classes only, background by a constant threshold swept over
+`config.eval.cam_threshold_*`; the best threshold is reported. Decoder: argmax of the upsampled
+`seg_logits` over all C+1 classes. Confusion matrices are summed on device across the batch
+(and so across devices and hosts) and accumulated on the host in int64.
+"""
+import json
+
+from absl import logging
+from etils import epath
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rsepm_jax import image_ops
+from rsepm_jax import metrics
+from rsepm_jax import parallel
+from rsepm_jax.data import pipeline
+from rsepm_jax.data import sources
+from rsepm_jax.train_step import model_inputs
+
+
+def cam_thresholds(eval_config):
+  """The background thresholds of the CAM sweep, e.g. 0.10, 0.15, ..., 0.80."""
+  return metrics.default_thresholds(
+      eval_config.cam_threshold_min, eval_config.cam_threshold_max, eval_config.cam_threshold_step)
+
+
+def upsampled_cam_scores(cams, crop_box, size):
+  """Raw CAMs `[B, h, w, C]` -> `[B, H, W, C]` in [0, 1], max-normalised inside `crop_box`."""
+  scores = image_ops.resize_bilinear(jax.nn.relu(cams), size)
+  inside = image_ops.box_mask(crop_box, size)[..., None]
+  peak = jnp.max(jnp.where(inside, scores, 0.0), axis=(1, 2), keepdims=True)
+  return scores / (peak + 1e-5)
+
+
+def make_eval_step(model, num_classes, thresholds, mesh):
+  """Jitted `(variables, batch) -> {"cam": int32 [T, K, K], "decoder": int32 [K, K]}`."""
+  num_labels = num_classes + 1
+
+  def eval_step(variables, batch):
+    outputs = model.apply(variables, model_inputs(batch), train=False)
+    size = batch["image"].shape[1:3]
+    gt = batch["mask"].astype(jnp.int32)
+    valid = batch["valid"][:, None, None] & (gt != 255)
+    scores = upsampled_cam_scores(outputs["cams"], batch["crop_box"], size)
+    confusions = {"cam": metrics.threshold_sweep_confusions(
+        scores, batch["labels"], gt, thresholds, num_labels, valid=valid)}
+    if "seg_logits" in outputs:
+      logits = image_ops.resize_bilinear(outputs["seg_logits"], size)
+      confusions["decoder"] = metrics.confusion_matrix(
+          jnp.argmax(logits, axis=-1), gt, num_labels, valid=valid)
+    return confusions
+
+  return jax.jit(eval_step, out_shardings=parallel.replicated(mesh))
+
+
+def evaluate(model, variables, config, mesh, split=None):
+  """Scores `variables` on `split` (default `config.data.eval_split`); returns a results dict."""
+  split = split or config.data.eval_split
+  thresholds = cam_thresholds(config.eval)
+  eval_step = make_eval_step(model, config.data.num_classes, jnp.asarray(thresholds, jnp.float32), mesh)
+  parallel.local_batch_size(config.eval.global_batch_size, "config.eval.global_batch_size")
+  totals = {}
+  num_images = 0
+  for host_batch in pipeline.eval_batches(config.data, split, config.eval.global_batch_size):
+    num_images += int(np.sum(host_batch["valid"]))
+    arrays = {k: v for k, v in host_batch.items() if k != "id"}
+    confusions = eval_step(variables, parallel.to_global(arrays, mesh))
+    for name, value in confusions.items():
+      totals[name] = metrics.accumulate(totals.get(name, np.zeros(value.shape, np.int64)), value)
+  cam = metrics.best_threshold(totals["cam"], thresholds)
+  results = {
+      "split": split,
+      "num_images": num_images,
+      "cam": {**metrics.segmentation_scores(totals["cam"][cam["index"]]), "threshold": cam["threshold"]},
+  }
+  if "decoder" in totals:
+    results["decoder"] = metrics.segmentation_scores(totals["decoder"])
+  return results
+
+
+def class_names(config):
+  names = getattr(sources.make_source(config.data, config.data.eval_split), "class_names", None)
+  return ("background",) + tuple(names or (f"class_{i}" for i in range(1, config.data.num_classes + 1)))
+
+
+def report(results, config, workdir, step):
+  """Prints the tables and writes `workdir/eval/step_<step>.json` (process 0 only)."""
+  names = class_names(config)
+  for head in ("cam", "decoder"):
+    if head in results:
+      extra = f" (best background threshold {results[head]['threshold']:.2f})" if head == "cam" else ""
+      logging.info("%s mIoU on %s at step %d%s:\n%s", head, results["split"], step, extra,
+                   metrics.format_table(results[head], names))
+  if jax.process_index() == 0:
+    out_dir = epath.Path(workdir) / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"step_{step}.json").write_text(json.dumps(_jsonable(results), indent=2))
+
+
+def _jsonable(value):
+  """Numpy scalars and arrays to plain JSON values, NaN (absent class) to null."""
+  if isinstance(value, dict):
+    return {k: _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple, np.ndarray)):
+    return [_jsonable(v) for v in np.asarray(value).tolist()]
+  if isinstance(value, (float, np.floating)):
+    return None if np.isnan(value) else float(value)
+  if isinstance(value, np.integer):
+    return int(value)
+  return value

@@ -1,0 +1,50 @@
+"""Entry point: flags, config, then one call into the library.
+
+  python -m rsepm_jax.main --config=configs/demo.py --workdir=/tmp/rsepm_demo
+  python -m rsepm_jax.main --config=configs/demo.py --workdir=/tmp/rsepm_demo --mode=eval
+
+Kept short on purpose (as flax/examples): the logic lives in modules the tests import.
+"""
+import logging as py_logging
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from rsepm_jax import parallel
+from rsepm_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/demo.py or configs/demo.py:smoke.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                          "train: train (resuming if possible) then evaluate; "
+                          "eval: evaluate a saved checkpoint without training.")
+_STEP = flags.DEFINE_integer("step", None, "--mode=eval: checkpoint step (default: the latest).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _quiet_checkpoint_library(record):
+  """Drops orbax's per-save INFO chatter from the console; warnings and errors still show."""
+  return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  logging.get_absl_handler().addFilter(_quiet_checkpoint_library)
+  parallel.maybe_initialize_distributed()
+  logging.info("JAX %s, process %d/%d, local devices: %s", jax.__version__, jax.process_index(),
+               jax.process_count(), jax.local_devices())
+  config = _CONFIG.value
+  if _MODE.value == "train":
+    train.train_and_evaluate(config, _WORKDIR.value)
+  else:
+    train.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)
+
+
+if __name__ == "__main__":
+  jax.config.config_with_absl()
+  app.run(main)

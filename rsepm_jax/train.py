@@ -1,0 +1,170 @@
+"""Training loop: `train_and_evaluate(config, workdir)` and `evaluate_checkpoint`.
+
+Reads top to bottom: workdir, mesh, input, model and optimiser, checkpoint restore, the jitted
+step, the loop (progress, checkpoints, evaluations), the final evaluation. Re-running the same
+command resumes from the latest checkpoint in `workdir`, data position included.
+"""
+import json
+import time
+
+from absl import logging
+from etils import epath
+import jax
+import ml_collections
+import numpy as np
+
+from rsepm_jax import checkpoint
+from rsepm_jax import evaluate
+from rsepm_jax import metric_writer
+from rsepm_jax import optimizer
+from rsepm_jax import parallel
+from rsepm_jax import state as state_lib
+from rsepm_jax import train_step
+from rsepm_jax.data import pipeline
+
+
+def prepare_workdir(workdir, config):
+  """Creates `workdir` (a clear error if it cannot) and records the config on first use."""
+  path = epath.Path(workdir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise OSError(f"Cannot create workdir {workdir!r}: {e}") from e
+  if not path.is_dir():
+    raise NotADirectoryError(f"workdir {workdir!r} exists and is not a directory.")
+  if jax.process_index() == 0:
+    config_file = path / "config.json"
+    if not config_file.exists():
+      config_file.write_text(config.to_json(indent=2))
+  return path
+
+
+def schedule_lengths(config):
+  """(steps per epoch, total steps) from the split size and the global batch."""
+  num_train = pipeline.num_records(config.data, config.data.train_split)
+  steps_per_epoch = num_train // config.train.global_batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(
+        f"The train split has {num_train} images, fewer than one global batch "
+        f"(config.train.global_batch_size={config.train.global_batch_size}).")
+  return steps_per_epoch, steps_per_epoch * config.train.num_epochs
+
+
+class Progress:
+  """Console progress lines with images/s and ETA, and the metrics file."""
+
+  def __init__(self, writer, total_steps, global_batch_size, start_step):
+    self._writer = writer
+    self._total = total_steps
+    self._batch = global_batch_size
+    self._last_step = start_step
+    self._last_time = time.time()
+
+  def report(self, step, measurements):
+    now = time.time()
+    images_per_s = (step - self._last_step) * self._batch / max(now - self._last_time, 1e-9)
+    eta = (self._total - step) * self._batch / max(images_per_s, 1e-9)
+    self._last_step, self._last_time = step, now
+    scalars = {**measurements, "images_per_s": images_per_s}
+    self._writer.write(step, scalars)
+    terms = " ".join(f"{k}={v:.4f}" for k, v in measurements.items() if k.startswith("loss_"))
+    logging.info(
+        "step %d/%d loss=%.4f %s lr=%.5f grad_norm=%.3f %.1f img/s ETA %s",
+        step, self._total, measurements["loss"], terms, measurements["lr"],
+        measurements["grad_norm"], images_per_s, time.strftime("%H:%M:%S", time.gmtime(eta)))
+
+
+def _check_finite(pending):
+  """Raises on the first non-finite loss among `[(step, metrics)]` fetched from the device."""
+  for step, measurements in pending:
+    loss = float(measurements["loss"])
+    if not np.isfinite(loss) or float(measurements["non_finite"]):
+      raise FloatingPointError(
+          f"Non-finite loss or update (loss={loss}) at step {step}; training stopped. The update "
+          "was not applied and the last checkpoint is intact: lower config.optim.lr or check "
+          "the data.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+  """Trains per `config`, checkpointing to and resuming from `workdir`; returns final results."""
+  # ------------------------------------------------------------------ workdir and mesh
+  prepare_workdir(workdir, config)
+  mesh = parallel.make_mesh()
+  parallel.local_batch_size(config.train.global_batch_size, "config.train.global_batch_size")
+  logging.info("Devices: %d over %d host(s); this is host %d.",
+               jax.device_count(), jax.process_count(), jax.process_index())
+
+  # ------------------------------------------------------------------ input
+  steps_per_epoch, total_steps = schedule_lengths(config)
+  data_iter = pipeline.train_iterator(config.data, config.train.global_batch_size, config.seed)
+
+  # ------------------------------------------------------------------ model, optimiser, state
+  model = state_lib.build_model(config, bn_axis_name=parallel.DATA_AXIS)
+  tx = optimizer.make_optimizer(config.optim, total_steps)
+  rng = state_lib.prng_key(config.seed)
+  init_rng, step_rng = jax.random.split(rng)
+  state = state_lib.create_train_state(model, tx, config, init_rng, mesh)
+
+  # ------------------------------------------------------------------ checkpoint restore
+  manager = checkpoint.make_manager(workdir, max_to_keep=config.train.max_checkpoints)
+  if manager.latest_step() is not None:
+    logging.info("Resuming from checkpoint step %d in %s.", manager.latest_step(), workdir)
+    state = checkpoint.restore(manager, manager.latest_step(), state, data_iter)
+  start_step = int(state["step"])
+
+  # ------------------------------------------------------------------ step and loop
+  step_fn = train_step.make_train_step(model, tx, config, mesh, total_steps, steps_per_epoch)
+  writer = metric_writer.MetricWriter(workdir)
+  progress = Progress(writer, total_steps, config.train.global_batch_size, start_step)
+  step_rng = jax.device_put(step_rng, parallel.replicated(mesh))
+  pending = []
+  logging.info("Training steps %d..%d (%d per epoch).", start_step, total_steps, steps_per_epoch)
+  for step in range(start_step + 1, total_steps + 1):
+    batch = parallel.to_global(next(data_iter), mesh)
+    state, measurements = step_fn(state, batch, step_rng)
+    pending.append((step, measurements))
+    is_last = step == total_steps
+    save_now = step % config.train.checkpoint_every == 0 or is_last
+    if step % config.train.log_every == 0 or save_now or is_last:
+      _check_finite(pending)
+      progress.report(step, {k: float(v) for k, v in pending[-1][1].items()})
+      pending = []
+    if save_now:
+      checkpoint.save(manager, step, state, data_iter)
+    if config.train.eval_every and step % config.train.eval_every == 0 and not is_last:
+      _evaluate_and_report(model, state, config, mesh, workdir, step, writer)
+  manager.wait_until_finished()
+  _check_finite(pending)
+
+  # ------------------------------------------------------------------ final evaluation
+  results = _evaluate_and_report(model, state, config, mesh, workdir, total_steps, writer)
+  manager.close()
+  return results
+
+
+def _evaluate_and_report(model, state, config, mesh, workdir, step, writer):
+  variables = state_lib.eval_variables(state, config.eval.use_ema)
+  results = evaluate.evaluate(model, variables, config, mesh)
+  evaluate.report(results, config, workdir, step)
+  writer.write(step, {f"eval_{head}_miou": results[head]["miou"]
+                      for head in ("cam", "decoder") if head in results})
+  return results
+
+
+def evaluate_checkpoint(config, workdir, step=None):
+  """`--mode=eval`: scores a saved checkpoint (the latest by default) without training."""
+  mesh = parallel.make_mesh()
+  model = state_lib.build_model(config, bn_axis_name=parallel.DATA_AXIS)
+  steps_per_epoch, total_steps = schedule_lengths(config)
+  del steps_per_epoch
+  tx = optimizer.make_optimizer(config.optim, total_steps)
+  manager = checkpoint.make_manager(workdir)
+  step = checkpoint.resolve_step(manager, step)
+  target = state_lib.create_train_state(
+      model, tx, config, state_lib.prng_key(0), mesh, pretrained=False)
+  state = checkpoint.restore(manager, step, target)
+  manager.close()
+  results = evaluate.evaluate(model, state_lib.eval_variables(state, config.eval.use_ema), config, mesh)
+  evaluate.report(results, config, workdir, step)
+  logging.info("Results: %s", json.dumps({k: results[k]["miou"] for k in ("cam", "decoder") if k in results}))
+  return results

@@ -1,0 +1,192 @@
+"""The pure data-parallel training step: `(state, batch, rng) -> (state, metrics)`.
+
+One `jax.jit(jax.shard_map(...))` over the 1-D "data" mesh. Each device computes its share of
+the loss; the total is `pmean`-ed inside, so gradients of the replicated params come out
+already summed (jax_conventions 5.3) and BatchNorm statistics are synchronised through
+`bn_axis_name="data"`. Pixel-averaged losses are normalised by the global count of valid
+pixels, so any device count gives the same result as one device.
+
+Phases (spec 6.3) are decided inside the jitted function from the step counter, so warm-up,
+RecurSeed and EdgePredictMix share one compiled step:
+  epoch <  rs_start_epoch:   L = L_cls
+  epoch >= rs_start_epoch:   + w_seg L_seg + w_cam L_cam on RecurSeed pseudo masks (spec 4.2)
+  epoch >= mix_start_epoch:  + the same three losses on the mixed batch (spec 5.2)
+The RecurSeed source switches from the CAM to the decoder at `decoder_source_epoch`.
+"""
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+import optax
+
+from rsepm_jax import image_ops
+from rsepm_jax import losses
+from rsepm_jax import optimizer
+from rsepm_jax.parallel import DATA_AXIS
+from rsepm_jax.refine import edge_predict_mix
+from rsepm_jax.refine import recurseed
+
+IGNORE = 255
+
+
+def model_inputs(batch):
+  """Normalised images `[B, S, S, 3]` float32 with the padding outside `crop_box` set to 0."""
+  image = image_ops.normalize(batch["image"])
+  inside = image_ops.box_mask(batch["crop_box"], image.shape[1:3])
+  return image * inside[..., None]
+
+
+def recurseed_settings(config):
+  fields = {k: tuple(v) if isinstance(v, (list, tuple)) else v
+            for k, v in config.recurseed.to_dict().items()}
+  return recurseed.Settings(**fields)
+
+
+def mix_settings(config):
+  """`MixSettings` from `config.mix`, or None when `config.mix.kind == "none"`."""
+  if config.mix.kind == "none":
+    return None
+  return edge_predict_mix.MixSettings(**config.mix.to_dict())
+
+
+def _finite(tree):
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _per_device(constant):
+  """Marks a constant as varying over devices, to match the other branch of a `lax.cond`."""
+  return lax.pcast(constant, (DATA_AXIS,), to="varying")
+
+
+def _global_pixel_mean(local_mean, local_count):
+  """Rescales a per-device mean so that `pmean` of it is the mean over all devices' pixels."""
+  total = lax.psum(local_count, DATA_AXIS)
+  return local_mean * local_count * lax.axis_size(DATA_AXIS) / jnp.maximum(total, 1.0)
+
+
+def _seed_losses(outputs, seeds, loss_config):
+  """L_seg (CE at stride 4) and L_cam (spec 6.2) against `seeds` `[B, h, w]`, 255 ignored."""
+  valid = jnp.sum(seeds != IGNORE).astype(jnp.float32)
+  seg = losses.segmentation_cross_entropy(outputs["seg_logits"], seeds)
+  cams = image_ops.resize_bilinear(outputs["cams"], seeds.shape[1:3])
+  cam = losses.cam_loss(cams, seeds, kind=loss_config.cam_kind, bg_logit=loss_config.cam_bg_logit)
+  return _global_pixel_mean(seg, valid), _global_pixel_mean(cam, valid)
+
+
+def _mix_across_devices(rng, local, settings):
+  """Mixes each local image with a partner drawn from the whole global batch.
+
+  The permutation comes from the replicated `rng` and per-image keys from global indices, and
+  partners are fetched with `all_gather`, so the mixed batch is the same however the global
+  batch is split over devices.
+  """
+  local_size = local["images"].shape[0]
+  gathered = {k: lax.all_gather(v, DATA_AXIS, tiled=True) for k, v in local.items()}
+  permutation_rng, keys_rng = jax.random.split(rng)
+  global_index = lax.axis_index(DATA_AXIS) * local_size + jnp.arange(local_size)
+  partner_index = jax.random.permutation(permutation_rng, gathered["images"].shape[0])[global_index]
+  keys = jax.vmap(lambda i: jax.random.fold_in(keys_rng, i))(global_index)
+  partner = {k: v[partner_index] for k, v in gathered.items()}
+  return edge_predict_mix.mix_pairs(keys, local, partner, settings)
+
+
+def _cls_loss(outputs, labels, crop_box, stride):
+  cam_box = image_ops.scale_box(crop_box, stride)
+  return losses.multilabel_soft_margin(losses.masked_gap(outputs["cams"], cam_box), labels)
+
+
+def make_train_step(model, tx, config, mesh, total_steps, steps_per_epoch):
+  """Returns the jitted step; `state` is donated."""
+  optim, loss_config = config.optim, config.loss
+  stride = config.model.output_stride
+  schedule = optimizer.poly_schedule(optim.lr, total_steps, optim.poly_power)
+  rs_settings = recurseed_settings(config)
+  mixing = mix_settings(config)
+
+  def forward(params, batch_stats, images, dropout_rng):
+    return model.apply(
+        {"params": params, "batch_stats": batch_stats}, images, train=True,
+        mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+
+  def compute_loss(params, batch_stats, batch, step_rng, epoch):
+    rs_on = epoch >= loss_config.rs_start_epoch
+    mix_on = rs_on & (epoch >= loss_config.mix_start_epoch) & (mixing is not None)
+    decoder_weight = (epoch >= loss_config.decoder_source_epoch).astype(jnp.float32)
+    mix_rng, dropout_rng = jax.random.split(step_rng)
+    # Dropout differs per device; mixing draws from the replicated key (see _mix_across_devices).
+    dropout_rng, mixed_dropout_rng = jax.random.split(
+        jax.random.fold_in(dropout_rng, lax.axis_index(DATA_AXIS)))
+    images = model_inputs(batch)
+    outputs, mutated = forward(params, batch_stats, images, dropout_rng)
+    batch_stats = mutated["batch_stats"]
+    terms = {"cls": _cls_loss(outputs, batch["labels"], batch["crop_box"], stride)}
+    if not model.with_decoder:
+      return lax.pmean(terms["cls"], DATA_AXIS), (terms, batch_stats)
+
+    seg_grid = outputs["seg_logits"].shape[:3]
+    no_seeds = (_per_device(jnp.full(seg_grid, IGNORE, jnp.int32)),
+                _per_device(jnp.zeros(seg_grid + (outputs["seg_logits"].shape[-1],), jnp.float32)))
+    seeds, probs = lax.cond(
+        rs_on,
+        lambda: recurseed.pseudo_mask(images, outputs["cams"], outputs["seg_logits"],
+                                      outputs["features"], batch["labels"], batch["crop_box"],
+                                      decoder_weight, rs_settings),
+        lambda: no_seeds)
+    terms["seg"], terms["cam"] = _seed_losses(outputs, seeds, loss_config)
+    total = (loss_config.cls * terms["cls"]
+             + rs_on * (loss_config.seg * terms["seg"] + loss_config.cam * terms["cam"]))
+
+    if mixing is not None:
+      def mixed_losses():
+        local = {"images": images, "seeds": seeds, "probs": probs, "labels": batch["labels"],
+                 "crop_box": batch["crop_box"]}
+        mixed = _mix_across_devices(mix_rng, local, mixing)
+        mixed_outputs, mixed_mutated = forward(params, batch_stats, mixed["images"],
+                                               mixed_dropout_rng)
+        cls = _cls_loss(mixed_outputs, mixed["labels"], mixed["crop_box"], stride)
+        seg, cam = _seed_losses(mixed_outputs, mixed["seeds"], loss_config)
+        return jnp.stack([cls, seg, cam]), mixed_mutated["batch_stats"]
+
+      def no_mix():
+        return _per_device(jnp.zeros(3)), batch_stats
+
+      mixed_terms, batch_stats = lax.cond(mix_on, mixed_losses, no_mix)
+      terms.update(mix_cls=mixed_terms[0], mix_seg=mixed_terms[1], mix_cam=mixed_terms[2])
+      total += mix_on * (loss_config.mix_cls * mixed_terms[0] + loss_config.mix_seg * mixed_terms[1]
+                         + loss_config.mix_cam * mixed_terms[2])
+    terms["seed_valid"] = jnp.mean(seeds != IGNORE)
+    return lax.pmean(total, DATA_AXIS), (terms, batch_stats)
+
+  def step(state, batch, rng):
+    epoch = state["step"] // steps_per_epoch
+    grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
+    (loss, (terms, batch_stats)), grads = grad_fn(
+        state["params"], state["batch_stats"], batch, jax.random.fold_in(rng, state["step"]), epoch)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_step = state["step"] + 1
+    decay = optimizer.ema_decay(new_step, optim.ema_decay, optim.ema_ramp_steps)
+    candidate = {
+        "step": new_step,
+        "params": params,
+        "batch_stats": batch_stats,
+        "opt_state": opt_state,
+        "ema_params": optimizer.ema_update(state["ema_params"], params, decay),
+        "ema_batch_stats": optimizer.ema_update(state["ema_batch_stats"], batch_stats, decay),
+    }
+    # A step with a non-finite loss, gradient or result is not applied: the state (and so any
+    # checkpoint of it) stays good, and the host loop stops with the step number.
+    ok = _finite(loss) & _finite(grads) & _finite(params)
+    new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), candidate, state)
+    metrics = {
+        "loss": loss,
+        "non_finite": 1.0 - ok.astype(jnp.float32),
+        "grad_norm": optax.global_norm(grads),
+        "lr": schedule(state["step"]),
+        **{f"loss_{name}": lax.pmean(value, DATA_AXIS) for name, value in terms.items()},
+    }
+    return new_state, metrics
+
+  sharded = jax.shard_map(
+      step, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()), out_specs=(P(), P()))
+  return jax.jit(sharded, donate_argnums=0)

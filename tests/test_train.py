@@ -1,0 +1,118 @@
+"""End-to-end: train_and_evaluate trains, checkpoints, resumes bit-exact and fails clearly."""
+import json
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import demo
+from rsepm_jax import checkpoint
+from rsepm_jax import metric_writer
+from rsepm_jax import optimizer
+from rsepm_jax import parallel
+from rsepm_jax import state as state_lib
+from rsepm_jax import train
+
+
+def smoke_config(**train_overrides):
+  config = demo.get_config("smoke")
+  config.train.update(train_overrides)
+  return config
+
+
+def _restore_latest(config, workdir):
+  mesh = parallel.make_mesh()
+  model = state_lib.build_model(config, bn_axis_name=parallel.DATA_AXIS)
+  _, total_steps = train.schedule_lengths(config)
+  tx = optimizer.make_optimizer(config.optim, total_steps)
+  target = state_lib.create_train_state(model, tx, config, state_lib.prng_key(1), mesh)
+  manager = checkpoint.make_manager(workdir)
+  step = manager.latest_step()
+  state = checkpoint.restore(manager, step, target)
+  manager.close()
+  return step, jax.device_get(state)
+
+
+def test_train_reduces_loss_checkpoints_and_evaluates(tmp_path):
+  config = smoke_config(num_epochs=6, log_every=1)
+  results = train.train_and_evaluate(config, str(tmp_path))
+  losses = [r["loss"] for r in metric_writer.read_metrics(tmp_path) if "loss" in r]
+  assert len(losses) == 24
+  assert np.mean(losses[-4:]) < np.mean(losses[:4])
+  assert all("images_per_s" in r for r in metric_writer.read_metrics(tmp_path) if "loss" in r)
+  saved = json.loads((tmp_path / "eval" / "step_24.json").read_text())
+  assert saved["num_images"] == config.data.synthetic.num_eval
+  assert 0.0 <= results["cam"]["miou"] <= 1.0
+  assert saved["cam"]["miou"] == pytest.approx(results["cam"]["miou"])
+  assert len(saved["cam"]["iou"]) == config.data.num_classes + 1
+  step, _ = _restore_latest(config, tmp_path)
+  assert step == 24
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch):
+  config = smoke_config(num_epochs=2, checkpoint_every=2)
+  train.train_and_evaluate(config, str(tmp_path / "straight"))
+
+  calls = {"n": 0}
+  real_to_global = parallel.to_global
+
+  def crash_on_sixth_batch(batch, mesh):
+    calls["n"] += 1
+    if calls["n"] == 6:
+      raise KeyboardInterrupt("simulated kill")
+    return real_to_global(batch, mesh)
+
+  monkeypatch.setattr(parallel, "to_global", crash_on_sixth_batch)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  monkeypatch.setattr(parallel, "to_global", real_to_global)
+  train.train_and_evaluate(config, str(tmp_path / "resumed"))
+
+  step_a, state_a = _restore_latest(config, tmp_path / "straight")
+  step_b, state_b = _restore_latest(config, tmp_path / "resumed")
+  assert step_a == step_b == 8
+  for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path):
+  config = smoke_config(num_epochs=1, checkpoint_every=4)
+  train.train_and_evaluate(config, str(tmp_path))
+  _, before = _restore_latest(config, tmp_path)
+  exploding = smoke_config(num_epochs=2, checkpoint_every=4)
+  exploding.optim.lr = 1e30
+  with pytest.raises(FloatingPointError, match=r"at step \d+") as error:
+    train.train_and_evaluate(exploding, str(tmp_path))
+  failed_step = int(re.search(r"at step (\d+)", str(error.value)).group(1))
+  assert 5 <= failed_step <= 8
+  step, after = _restore_latest(config, tmp_path)
+  assert step == 4
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_global_batch_that_does_not_divide_over_devices_is_an_error(tmp_path):
+  config = smoke_config(global_batch_size=12)
+  with pytest.raises(ValueError, match="global_batch_size=12 does not divide over 8 devices"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_workdir_that_cannot_be_created_is_a_clear_error(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("keep me")
+  with pytest.raises(OSError, match="workdir"):
+    train.train_and_evaluate(smoke_config(), str(blocker / "run"))
+  assert blocker.read_text() == "keep me"
+
+
+def test_unknown_config_key_on_the_command_line_fails_clearly(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "rsepm_jax.main", "--config=configs/demo.py:smoke",
+       f"--workdir={tmp_path}/run", "--config.train.typo=1"],
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert "typo" in result.stderr
+  assert not (tmp_path / "run").exists()
