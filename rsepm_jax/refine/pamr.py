@@ -64,7 +64,7 @@ def pamr_weights(image, dilations=(1, 2, 4, 8, 12, 24), sigma=0.1):
     return -sum(jnp.abs(planes[c] - neighbour[c]) / scale[c] for c in range(3)) / 3
 
   # Stacked on the major axis then moved last: stacking on the minor axis directly, or a
-  # softmax over a major axis, is several times slower on CPU.
+  # softmax over a major axis, is 2-3x slower on CPU.
   affinities = jnp.stack(
       [affinity(offset) for offset in _neighbour_offsets(dilations, include_centre=False)])
   return jax.nn.softmax(jnp.moveaxis(affinities, 0, -1), axis=-1)
@@ -88,6 +88,8 @@ def pamr(image, masks, num_iter=10, dilations=(1, 2, 4, 8, 12, 24), sigma=0.1):
   if masks.ndim != 4 or masks.shape[:3] != image.shape[:3]:
     raise ValueError(
         f"pamr: masks must be [B, H, W, C] on the image grid {image.shape[:3]}, got {masks.shape}.")
+  if not dilations or min(dilations) < 1:
+    raise ValueError(f"pamr: dilations must be positive integers, got {dilations}.")
   batch, height, width, num_channels = masks.shape
   weights = pamr_weights(jax.lax.stop_gradient(image), dilations, sigma)
   num_neighbours = weights.shape[-1]
@@ -114,6 +116,6 @@ def pamr(image, masks, num_iter=10, dilations=(1, 2, 4, 8, 12, 24), sigma=0.1):
     refined = jnp.pad(refined, ((0, 0), (0, height * padded_width - span), (0, 0)))
     return refined.reshape(batch, height, padded_width, num_lanes)[:, :, :width]
 
-  lanes = jnp.pad(jax.lax.stop_gradient(masks).astype(jnp.float32),
-                  ((0, 0), (0, 0), (0, 0), (0, num_lanes - num_channels)))
-  return jax.lax.fori_loop(0, num_iter, propagate, lanes)[..., :num_channels]
+  padded_masks = jnp.pad(jax.lax.stop_gradient(masks).astype(jnp.float32),
+                         ((0, 0), (0, 0), (0, 0), (0, num_lanes - num_channels)))
+  return jax.lax.fori_loop(0, num_iter, propagate, padded_masks)[..., :num_channels]
