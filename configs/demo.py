@@ -54,6 +54,7 @@ def get_config(arg=None):
   config.model.with_decoder = True  # DeepLabv3+ decoder (spec 1.3)
   config.model.decoder_channels = 32  # ASPP / decoder width (spec: 256)
   config.model.low_level_channels = 32  # decoder low-level width (RS+EPM: 256)
+  config.model.aspp_dilations = (2, 4, 6)  # ASPP 3x3 dilations; () = spec (6,12,18) at OS16, x2 at OS8
   config.model.aspp_dropout = 0.5  # dropout after the ASPP projection (spec 1.3)
   config.model.decoder_dropout = (0.5, 0.1)  # dropout after the decoder's two 3x3 blocks
   config.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
@@ -81,6 +82,10 @@ def get_config(arg=None):
   config.train.checkpoint_every = 200  # steps between checkpoints (and one at the end)
   config.train.max_checkpoints = 2  # checkpoints kept on disk
   config.train.eval_every = 0  # steps between evaluations (0: only at the end)
+  # How the mixed-batch pass is switched on at mix_start_epoch: "cond" skips it before then
+  # (lax.cond), "where" always computes it and selects the result (XLA:CPU runs backward
+  # convolutions inside a lax.cond ~10x slower), "auto" = "where" on CPU, else "cond".
+  config.train.mix_gating = "auto"
 
   # ---------------------------------------------------------------------------- losses and phases
   config.loss = ml_collections.ConfigDict()

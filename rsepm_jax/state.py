@@ -39,6 +39,7 @@ def build_model(config, bn_axis_name=None):
       with_decoder=model_config.with_decoder,
       decoder_channels=model_config.decoder_channels,
       low_level_channels=model_config.low_level_channels,
+      aspp_dilations=tuple(model_config.aspp_dilations) or None,
       aspp_dropout=model_config.aspp_dropout,
       decoder_dropout=tuple(model_config.decoder_dropout),
       dtype=_DTYPES[model_config.dtype],

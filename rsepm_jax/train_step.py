@@ -49,6 +49,15 @@ def mix_settings(config):
   return edge_predict_mix.MixSettings(**config.mix.to_dict())
 
 
+def resolve_mix_gating(gating):
+  """"cond" or "where" for `config.train.mix_gating` ("auto": "where" on CPU, else "cond")."""
+  if gating == "auto":
+    return "where" if jax.default_backend() == "cpu" else "cond"
+  if gating not in ("cond", "where"):
+    raise ValueError(f"config.train.mix_gating must be 'auto', 'cond' or 'where', got {gating!r}")
+  return gating
+
+
 def _finite(tree):
   return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
@@ -102,26 +111,23 @@ def make_train_step(model, tx, config, mesh, total_steps, steps_per_epoch):
   schedule = optimizer.poly_schedule(optim.lr, total_steps, optim.poly_power)
   rs_settings = recurseed_settings(config)
   mixing = mix_settings(config)
+  mix_gating = resolve_mix_gating(config.train.mix_gating)
 
   def forward(params, batch_stats, images, dropout_rng):
     return model.apply(
         {"params": params, "batch_stats": batch_stats}, images, train=True,
         mutable=["batch_stats"], rngs={"dropout": dropout_rng})
 
-  def compute_loss(params, batch_stats, batch, step_rng, epoch):
+  def compute_loss(params, batch_stats, batch, rngs, epoch):
+    """Loss on the batch itself: L_cls, then RecurSeed's L_seg and L_cam once `rs_on`."""
     rs_on = epoch >= loss_config.rs_start_epoch
-    mix_on = rs_on & (epoch >= loss_config.mix_start_epoch) & (mixing is not None)
     decoder_weight = (epoch >= loss_config.decoder_source_epoch).astype(jnp.float32)
-    mix_rng, dropout_rng = jax.random.split(step_rng)
-    # Dropout differs per device; mixing draws from the replicated key (see _mix_across_devices).
-    dropout_rng, mixed_dropout_rng = jax.random.split(
-        jax.random.fold_in(dropout_rng, lax.axis_index(DATA_AXIS)))
     images = model_inputs(batch)
-    outputs, mutated = forward(params, batch_stats, images, dropout_rng)
+    outputs, mutated = forward(params, batch_stats, images, rngs["dropout"])
     batch_stats = mutated["batch_stats"]
     terms = {"cls": _cls_loss(outputs, batch["labels"], batch["crop_box"], stride)}
     if not model.with_decoder:
-      return lax.pmean(terms["cls"], DATA_AXIS), (terms, batch_stats)
+      return lax.pmean(terms["cls"], DATA_AXIS), (terms, batch_stats, None)
 
     seg_grid = outputs["seg_logits"].shape[:3]
     no_seeds = (_per_device(jnp.full(seg_grid, IGNORE, jnp.int32)),
@@ -133,35 +139,57 @@ def make_train_step(model, tx, config, mesh, total_steps, steps_per_epoch):
                                       decoder_weight, rs_settings),
         lambda: no_seeds)
     terms["seg"], terms["cam"] = _seed_losses(outputs, seeds, loss_config)
+    terms["seed_valid"] = jnp.mean(seeds != IGNORE)
     total = (loss_config.cls * terms["cls"]
              + rs_on * (loss_config.seg * terms["seg"] + loss_config.cam * terms["cam"]))
+    mix_inputs = {"images": images, "seeds": seeds, "probs": probs, "labels": batch["labels"],
+                  "crop_box": batch["crop_box"]}
+    return lax.pmean(total, DATA_AXIS), (terms, batch_stats, mix_inputs)
 
-    if mixing is not None:
-      def mixed_losses():
-        local = {"images": images, "seeds": seeds, "probs": probs, "labels": batch["labels"],
-                 "crop_box": batch["crop_box"]}
-        mixed = _mix_across_devices(mix_rng, local, mixing)
-        mixed_outputs, mixed_mutated = forward(params, batch_stats, mixed["images"],
-                                               mixed_dropout_rng)
-        cls = _cls_loss(mixed_outputs, mixed["labels"], mixed["crop_box"], stride)
-        seg, cam = _seed_losses(mixed_outputs, mixed["seeds"], loss_config)
-        return jnp.stack([cls, seg, cam]), mixed_mutated["batch_stats"]
+  def compute_mixed_loss(params, batch_stats, mixed, dropout_rng):
+    """The same three losses on the mixed batch (spec 5.2)."""
+    outputs, mutated = forward(params, batch_stats, mixed["images"], dropout_rng)
+    terms = {"mix_cls": _cls_loss(outputs, mixed["labels"], mixed["crop_box"], stride)}
+    terms["mix_seg"], terms["mix_cam"] = _seed_losses(outputs, mixed["seeds"], loss_config)
+    total = (loss_config.mix_cls * terms["mix_cls"] + loss_config.mix_seg * terms["mix_seg"]
+             + loss_config.mix_cam * terms["mix_cam"])
+    return lax.pmean(total, DATA_AXIS), (terms, mutated["batch_stats"])
 
-      def no_mix():
-        return _per_device(jnp.zeros(3)), batch_stats
+  def mixed_loss_and_grads(mix_on, params, batch_stats, mix_inputs, rngs):
+    """(loss, terms, batch_stats, grads) of the mixed batch; zeros and `batch_stats` unchanged
+    while `mix_on` is False. See `config.train.mix_gating` for how the pass is switched."""
+    grad_fn = jax.value_and_grad(compute_mixed_loss, has_aux=True)
 
-      mixed_terms, batch_stats = lax.cond(mix_on, mixed_losses, no_mix)
-      terms.update(mix_cls=mixed_terms[0], mix_seg=mixed_terms[1], mix_cam=mixed_terms[2])
-      total += mix_on * (loss_config.mix_cls * mixed_terms[0] + loss_config.mix_seg * mixed_terms[1]
-                         + loss_config.mix_cam * mixed_terms[2])
-    terms["seed_valid"] = jnp.mean(seeds != IGNORE)
-    return lax.pmean(total, DATA_AXIS), (terms, batch_stats)
+    def with_mix():
+      mixed = _mix_across_devices(rngs["mix"], mix_inputs, mixing)
+      (loss, (terms, new_stats)), grads = grad_fn(params, batch_stats, mixed, rngs["mix_dropout"])
+      return loss, terms, new_stats, grads
+
+    def without_mix():
+      terms = {name: _per_device(jnp.zeros(())) for name in ("mix_cls", "mix_seg", "mix_cam")}
+      return jnp.zeros(()), terms, batch_stats, jax.tree.map(jnp.zeros_like, params)
+
+    if mix_gating == "cond":
+      return lax.cond(mix_on, with_mix, without_mix)
+    return jax.tree.map(lambda on, off: jnp.where(mix_on, on, off), with_mix(), without_mix())
 
   def step(state, batch, rng):
     epoch = state["step"] // steps_per_epoch
+    mix_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, state["step"]))
+    # Dropout differs per device; mixing draws from the replicated key (see _mix_across_devices).
+    dropout_rng, mixed_dropout_rng = jax.random.split(
+        jax.random.fold_in(dropout_rng, lax.axis_index(DATA_AXIS)))
+    rngs = {"mix": mix_rng, "dropout": dropout_rng, "mix_dropout": mixed_dropout_rng}
     grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
-    (loss, (terms, batch_stats)), grads = grad_fn(
-        state["params"], state["batch_stats"], batch, jax.random.fold_in(rng, state["step"]), epoch)
+    (loss, (terms, batch_stats, mix_inputs)), grads = grad_fn(
+        state["params"], state["batch_stats"], batch, rngs, epoch)
+    if mixing is not None and model.with_decoder:
+      mix_on = (epoch >= loss_config.rs_start_epoch) & (epoch >= loss_config.mix_start_epoch)
+      mixed_loss, mixed_terms, batch_stats, mixed_grads = mixed_loss_and_grads(
+          mix_on, state["params"], batch_stats, mix_inputs, rngs)
+      loss = loss + mixed_loss
+      grads = jax.tree.map(jnp.add, grads, mixed_grads)
+      terms.update(mixed_terms)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_step = state["step"] + 1

@@ -39,10 +39,14 @@ def _restore_latest(config, workdir):
 def test_train_reduces_loss_checkpoints_and_evaluates(tmp_path):
   config = smoke_config(num_epochs=6, log_every=1)
   results = train.train_and_evaluate(config, str(tmp_path))
-  losses = [r["loss"] for r in metric_writer.read_metrics(tmp_path) if "loss" in r]
-  assert len(losses) == 24
-  assert np.mean(losses[-4:]) < np.mean(losses[:4])
-  assert all("images_per_s" in r for r in metric_writer.read_metrics(tmp_path) if "loss" in r)
+  records = [r for r in metric_writer.read_metrics(tmp_path) if "loss" in r]
+  assert [r["step"] for r in records] == list(range(1, 25))
+  assert all("images_per_s" in r and "lr" in r and "grad_norm" in r for r in records)
+  # L_cls is trained throughout; RecurSeed and mixing switch on at epoch 1 (step 5) in smoke.
+  cls = [r["loss_cls"] for r in records]
+  assert np.mean(cls[-4:]) < 0.8 * np.mean(cls[:4])
+  assert all(r["loss_seg"] == 0 and r["loss_mix_cls"] == 0 for r in records[:4])
+  assert all(r["loss_seg"] > 0 and r["loss_mix_cls"] > 0 for r in records[4:])
   saved = json.loads((tmp_path / "eval" / "step_24.json").read_text())
   assert saved["num_images"] == config.data.synthetic.num_eval
   assert 0.0 <= results["cam"]["miou"] <= 1.0
