@@ -24,6 +24,7 @@ def get_config(arg=None):
   config.data = ml_collections.ConfigDict()
   config.data.name = "synthetic"  # synthetic | voc | coco | array_record
   config.data.root = ""  # dataset root (local path or gs://); unused for synthetic
+  config.data.dataset = ""  # array_record only: the dataset name under data.root (voc | coco)
   config.data.train_split = "train"  # split the model trains on
   config.data.eval_split = "val"  # split evaluated during and after training
   config.data.num_classes = 6  # foreground classes C (VOC 20, COCO 80)
@@ -39,16 +40,17 @@ def get_config(arg=None):
   config.data.skip_bad_records = False  # skip-and-count corrupt records instead of failing
   config.data.allow_subset = False  # accept split sizes different from the standard ones
   config.data.synthetic = ml_collections.ConfigDict()
-  config.data.synthetic.num_train = 2000  # images in the synthetic train split
+  config.data.synthetic.num_train = 1600  # images in the synthetic train split
   config.data.synthetic.num_eval = 200  # images in the synthetic val split
   config.data.synthetic.image_size = 96  # synthetic image side in pixels
   config.data.synthetic.seed = 0  # generator seed (independent of config.seed)
   config.data.synthetic.ignore_width = 1  # width of the 255 band on object borders
+  config.data.synthetic.object_size = (0.15, 0.6)  # object diameters as fractions of the image side
 
   # ---------------------------------------------------------------------------- model
   config.model = ml_collections.ConfigDict()
   config.model.backbone = "tiny"  # resnet50 | resnet101 | tiny (1 block per stage)
-  config.model.backbone_width = 16  # tiny only: stem width (C5 has 32x this many channels)
+  config.model.backbone_width = 8  # tiny only: stem width (C5 has 32x this many channels)
   config.model.output_stride = 8  # 16 (spec 1.1) or 8
   config.model.last_stride = 1  # stride of layer4 (spec 1.1: 1)
   config.model.with_decoder = True  # DeepLabv3+ decoder (spec 1.3)
@@ -62,14 +64,16 @@ def get_config(arg=None):
 
   # ---------------------------------------------------------------------------- optimiser
   config.optim = ml_collections.ConfigDict()
-  config.optim.lr = 0.05  # base learning rate (spec 7.2 suggests 0.1 for 16-32 crops of 512)
+  config.optim.lr = 0.1  # base learning rate (spec 7.2 suggests 0.1 for 16-32 crops of 512)
   config.optim.momentum = 0.9  # SGD momentum
   config.optim.nesterov = True  # Nesterov momentum
   config.optim.weight_decay = 1e-4  # applied to weights (kernels, BN scales) only (spec 7.1)
+  # LR multipliers per group (spec 7.1: 1 / 2 / 10 / 20 for an ImageNet backbone). The demo
+  # trains its backbone from scratch, so every group gets the same rate.
   config.optim.lr_backbone_weight = 1.0  # LR multiplier: backbone weights
-  config.optim.lr_backbone_bias = 2.0  # LR multiplier: backbone biases
-  config.optim.lr_new_weight = 10.0  # LR multiplier: new-layer weights
-  config.optim.lr_new_bias = 20.0  # LR multiplier: new-layer biases
+  config.optim.lr_backbone_bias = 1.0  # LR multiplier: backbone biases
+  config.optim.lr_new_weight = 1.0  # LR multiplier: new-layer weights
+  config.optim.lr_new_bias = 1.0  # LR multiplier: new-layer biases
   config.optim.poly_power = 0.9  # poly decay power, stepped per iteration
   config.optim.ema_decay = 0.999  # EMA decay of params and BN stats (spec 7.1)
   config.optim.ema_ramp_steps = 2000  # EMA ramp: d_n = decay * (1 - exp(-n / ramp))
@@ -77,7 +81,7 @@ def get_config(arg=None):
   # ---------------------------------------------------------------------------- training
   config.train = ml_collections.ConfigDict()
   config.train.global_batch_size = 16  # images per step over all devices and hosts
-  config.train.num_epochs = 12  # epochs over the train split
+  config.train.num_epochs = 8  # epochs over the train split
   config.train.log_every = 20  # steps between progress lines
   config.train.checkpoint_every = 200  # steps between checkpoints (and one at the end)
   config.train.max_checkpoints = 2  # checkpoints kept on disk
@@ -91,15 +95,17 @@ def get_config(arg=None):
   config.loss = ml_collections.ConfigDict()
   config.loss.cls = 1.0  # weight of L_cls (MLSM on the crop-box GAP of the CAM)
   config.loss.seg = 1.0  # weight of L_seg (decoder CE on RecurSeed masks, spec 6.1)
-  config.loss.cam = 1.0  # weight of L_cam (spec 6.2)
+  config.loss.cam = 0.1  # weight of L_cam (spec 6.2: 1.0; the demo's from-scratch CAM is weak)
   config.loss.cam_kind = "bce"  # L_cam form: bce (per-class sigmoid) | ce ([bg_logit; cams])
   config.loss.cam_bg_logit = 0.0  # fixed background logit of the "ce" form
   config.loss.mix_cls = 1.0  # weight of L_cls on the mixed batch
   config.loss.mix_seg = 1.0  # weight of L_seg on the mixed batch
   config.loss.mix_cam = 1.0  # weight of L_cam on the mixed batch
   config.loss.rs_start_epoch = 3  # RecurSeed losses from this epoch (spec 6.3: 5)
-  config.loss.decoder_source_epoch = 5  # RecurSeed source: CAM before, decoder from here
-  config.loss.mix_start_epoch = 7  # mixed-batch losses from this epoch (spec 6.3: 15)
+  # RecurSeed source: CAM before this epoch, decoder from it. The demo keeps the CAM (8 = never):
+  # its decoder, trained from scratch for a few epochs, collapses when it becomes the source.
+  config.loss.decoder_source_epoch = 8
+  config.loss.mix_start_epoch = 5  # mixed-batch losses from this epoch (spec 6.3: 15)
 
   # ---------------------------------------------------------------------------- RecurSeed
   config.recurseed = ml_collections.ConfigDict()
@@ -154,6 +160,11 @@ def get_config(arg=None):
     config.model.low_level_channels = 8
     config.train.global_batch_size = 8
     config.train.num_epochs = 2
+    # The spec's LR groups (new layers x10): in a few steps the classifier visibly learns.
+    config.optim.lr = 0.05
+    config.optim.lr_backbone_bias = 2.0
+    config.optim.lr_new_weight = 10.0
+    config.optim.lr_new_bias = 20.0
     config.loss.rs_start_epoch = 1  # the second epoch runs every phase at once
     config.loss.decoder_source_epoch = 1
     config.loss.mix_start_epoch = 1

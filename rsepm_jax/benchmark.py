@@ -191,8 +191,8 @@ def _torch_pamr_runs(image, masks, rs, repeats):
         mask_nchw = (neighbours(mask_nchw, False) * weights).sum(dim=2)
       return mask_nchw
 
-  image_nchw = torch.from_numpy(image).permute(0, 3, 1, 2).contiguous()
-  mask_nchw = torch.from_numpy(masks).permute(0, 3, 1, 2).contiguous()
+  image_nchw = torch.from_numpy(np.array(image)).permute(0, 3, 1, 2).contiguous()
+  mask_nchw = torch.from_numpy(np.array(masks)).permute(0, 3, 1, 2).contiguous()
   run(image_nchw, mask_nchw)
   runs = []
   for _ in range(max(repeats // 2, 2)):

@@ -3,6 +3,9 @@
 Layout: `workdir/checkpoints/<step>/{state, data_iter}`. A step directory appears only once its
 save has committed, so a crash mid-save leaves the previous checkpoint as the latest.
 """
+import logging as py_logging
+
+from absl import logging
 from etils import epath
 import grain
 import jax
@@ -10,6 +13,15 @@ import orbax.checkpoint as ocp
 
 STATE = "state"
 DATA_ITER = "data_iter"
+
+
+def _not_orbax_info(record):
+  return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def quiet_library_logs():
+  """Drops orbax's per-save INFO chatter from the console; warnings and errors still show."""
+  logging.get_absl_handler().addFilter(_not_orbax_info)
 
 
 def make_manager(workdir, save_interval_steps=1, max_to_keep=2):

@@ -76,6 +76,7 @@ def evaluate(model, variables, config, mesh, split=None):
       "split": split,
       "num_images": num_images,
       "cam": {**metrics.segmentation_scores(totals["cam"][cam["index"]]), "threshold": cam["threshold"]},
+      "all_background_miou": metrics.all_background_miou(totals["cam"][0]),
   }
   if "decoder" in totals:
     results["decoder"] = metrics.segmentation_scores(totals["decoder"])
@@ -95,6 +96,8 @@ def report(results, config, workdir, step):
       extra = f" (best background threshold {results[head]['threshold']:.2f})" if head == "cam" else ""
       logging.info("%s mIoU on %s at step %d%s:\n%s", head, results["split"], step, extra,
                    metrics.format_table(results[head], names))
+  logging.info("For comparison, predicting background everywhere gives mIoU %.2f%%.",
+               100 * results["all_background_miou"])
   if jax.process_index() == 0:
     out_dir = epath.Path(workdir) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)

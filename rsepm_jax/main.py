@@ -5,14 +5,13 @@
 
 Kept short on purpose (as flax/examples): the logic lives in modules the tests import.
 """
-import logging as py_logging
-
 from absl import app
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
 
+from rsepm_jax import checkpoint
 from rsepm_jax import parallel
 from rsepm_jax import train
 
@@ -26,15 +25,10 @@ _STEP = flags.DEFINE_integer("step", None, "--mode=eval: checkpoint step (defaul
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _quiet_checkpoint_library(record):
-  """Drops orbax's per-save INFO chatter from the console; warnings and errors still show."""
-  return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  logging.get_absl_handler().addFilter(_quiet_checkpoint_library)
+  checkpoint.quiet_library_logs()
   parallel.maybe_initialize_distributed()
   logging.info("JAX %s, process %d/%d, local devices: %s", jax.__version__, jax.process_index(),
                jax.process_count(), jax.local_devices())

@@ -114,6 +114,18 @@ def segmentation_scores(confusion):
   }
 
 
+def all_background_miou(confusion):
+  """mIoU of the trivial prediction "background everywhere" on the ground truth of `confusion`.
+
+  The baseline every result should be compared with: only the ground-truth counts (row sums)
+  of `confusion` `[K, K]` are used.
+  """
+  confusion = np.asarray(confusion)
+  trivial = np.zeros_like(confusion)
+  trivial[:, 0] = confusion.sum(axis=1)
+  return segmentation_scores(trivial)["miou"]
+
+
 def cam_threshold_predictions(scores, labels, thresholds):
   """Label maps from normalised CAMs and a constant background score (spec 8.2, A.6).
 

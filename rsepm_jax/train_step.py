@@ -138,10 +138,10 @@ def make_train_step(model, tx, config, mesh, total_steps, steps_per_epoch):
                                       outputs["features"], batch["labels"], batch["crop_box"],
                                       decoder_weight, rs_settings),
         lambda: no_seeds)
-    terms["seg"], terms["cam"] = _seed_losses(outputs, seeds, loss_config)
+    seg, cam = _seed_losses(outputs, seeds, loss_config)
+    terms["seg"], terms["cam"] = jnp.where(rs_on, seg, 0.0), jnp.where(rs_on, cam, 0.0)
     terms["seed_valid"] = jnp.mean(seeds != IGNORE)
-    total = (loss_config.cls * terms["cls"]
-             + rs_on * (loss_config.seg * terms["seg"] + loss_config.cam * terms["cam"]))
+    total = loss_config.cls * terms["cls"] + loss_config.seg * terms["seg"] + loss_config.cam * terms["cam"]
     mix_inputs = {"images": images, "seeds": seeds, "probs": probs, "labels": batch["labels"],
                   "crop_box": batch["crop_box"]}
     return lax.pmean(total, DATA_AXIS), (terms, batch_stats, mix_inputs)
@@ -205,6 +205,7 @@ def make_train_step(model, tx, config, mesh, total_steps, steps_per_epoch):
     # A step with a non-finite loss, gradient or result is not applied: the state (and so any
     # checkpoint of it) stays good, and the host loop stops with the step number.
     ok = _finite(loss) & _finite(grads) & _finite(params)
+    seed_valid = terms.pop("seed_valid", None)  # share of seed pixels not ignored
     new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), candidate, state)
     metrics = {
         "loss": loss,
@@ -213,6 +214,8 @@ def make_train_step(model, tx, config, mesh, total_steps, steps_per_epoch):
         "lr": schedule(state["step"]),
         **{f"loss_{name}": lax.pmean(value, DATA_AXIS) for name, value in terms.items()},
     }
+    if seed_valid is not None:
+      metrics["seed_valid_fraction"] = lax.pmean(seed_valid, DATA_AXIS)
     return new_state, metrics
 
   sharded = jax.shard_map(

@@ -237,3 +237,10 @@ def test_format_table():
   assert lines[5].split()[-3:] == ["58.33", "0.167", "0.208"]
   with pytest.raises(ValueError, match="class_names"):
     metrics.format_table(metrics.segmentation_scores(HAND_CONFUSION), ["background"])
+
+
+def test_all_background_miou_counts_every_class_present_in_the_ground_truth():
+  # Ground truth: 6 background, 3 class-1, 1 class-2 pixels; class 3 absent (NaN, skipped).
+  confusion = np.array([[5, 1, 0, 0], [2, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
+  # Background everywhere: IoU_bg = 6 / 10, classes 1 and 2 get 0, class 3 has no union.
+  assert metrics.all_background_miou(confusion) == pytest.approx((6 / 10) / 3)

@@ -175,6 +175,8 @@ def test_colour_does_not_identify_the_class():
     (dict(num_images=4, ignore_width=-1), "ignore_width"),
     (dict(num_images=4, seed=-1), "seed"),
     (dict(num_images=4, split=""), "split"),
+    (dict(num_images=4, object_size=(0.5, 0.2)), "object_size"),
+    (dict(num_images=4, object_size=(0.0, 0.5)), "object_size"),
 ])
 def test_bad_arguments(kwargs, message):
   with pytest.raises(ValueError, match=message):

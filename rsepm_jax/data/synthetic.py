@@ -14,7 +14,8 @@ import numpy as np
 
 MAX_OBJECTS = 3
 MIN_IMAGE_SIZE = 32
-# Object diameter range as a fraction of the image side (never below MIN_OBJECT_DIAMETER px).
+# Default object diameter range as a fraction of the image side (never below
+# MIN_OBJECT_DIAMETER px).
 OBJECT_DIAMETER_RANGE = (0.15, 0.6)
 MIN_OBJECT_DIAMETER = 10.0
 # A class is tagged iff at least this fraction of the image (and at least
@@ -264,7 +265,7 @@ class SyntheticWSSS:
   """
 
   def __init__(self, num_images, image_size=64, num_classes=6, seed=0, split="train",
-               ignore_width=1):
+               ignore_width=1, object_size=OBJECT_DIAMETER_RANGE):
     if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or (
         num_images < 1):
       raise ValueError(f"SyntheticWSSS: num_images must be a positive int, got {num_images!r}.")
@@ -283,6 +284,10 @@ class SyntheticWSSS:
         0 <= ignore_width <= max_ignore_width):
       raise ValueError(f"SyntheticWSSS: ignore_width must be an int in 0..{max_ignore_width} "
                        f"for image_size {image_size}, got {ignore_width!r}.")
+    if (len(object_size) != 2 or not 0 < object_size[0] <= object_size[1] <= 1):
+      raise ValueError(f"SyntheticWSSS: object_size must be (low, high) fractions of the image "
+                       f"side with 0 < low <= high <= 1, got {object_size!r}.")
+    self.object_size = (float(object_size[0]), float(object_size[1]))
     self.num_images = int(num_images)
     self.image_size = int(image_size)
     self.num_classes = int(num_classes)
@@ -320,7 +325,7 @@ class SyntheticWSSS:
   def __repr__(self):
     return (f"SyntheticWSSS(num_images={self.num_images}, image_size={self.image_size}, "
             f"num_classes={self.num_classes}, seed={self.seed}, split={self.split!r}, "
-            f"ignore_width={self.ignore_width})")
+            f"ignore_width={self.ignore_width}, object_size={self.object_size})")
 
   def __getitem__(self, index):
     if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
@@ -417,7 +422,7 @@ class SyntheticWSSS:
     for k, (class_index, draw) in enumerate(zip(classes, draws)):
       (diameter, overlap, partner, direction, reach, x, y, angle, aspect, period, phase, shade,
        shade_amount) = draw
-      low, high = OBJECT_DIAMETER_RANGE
+      low, high = self.object_size
       radius = 0.5 * max((low + (high - low) * diameter) * size, MIN_OBJECT_DIAMETER)
       if objects and overlap < 0.6:  # Overlap an earlier object: occlusion is common.
         other = objects[int(partner * len(objects))]
@@ -533,4 +538,5 @@ def from_config(data_config, split):
       num_classes=data_config.num_classes,
       seed=synthetic.seed,
       split=split,
-      ignore_width=synthetic.ignore_width)
+      ignore_width=synthetic.ignore_width,
+      object_size=tuple(synthetic.get("object_size", OBJECT_DIAMETER_RANGE)))
