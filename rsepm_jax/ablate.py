@@ -27,6 +27,7 @@ from absl import flags
 from absl import logging
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
@@ -150,6 +151,8 @@ def fork_run(source_workdir, step, workdir):
     raise FileNotFoundError(f"Checkpoint {source} to continue the mixing runs from is missing.")
   if jax.process_index() == 0:
     _copy_tree(source, target / str(step))
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"ablation fork {workdir}")  # copy done before restore
 
 
 def _copy_tree(source, target):
