@@ -11,7 +11,9 @@ RecurSeed and EdgePredictMix share one compiled step:
   epoch <  rs_start_epoch:   L = L_cls
   epoch >= rs_start_epoch:   + w_seg L_seg + w_cam L_cam on RecurSeed pseudo masks (spec 4.2)
   epoch >= mix_start_epoch:  + the same three losses on the mixed batch (spec 5.2)
-The RecurSeed source switches from the CAM to the decoder at `decoder_source_epoch`.
+The RecurSeed source switches from the CAM to the decoder at `decoder_source_epoch`. The
+RecurSeed refinement sits in a `lax.cond`; the mixed-batch pass is gated by
+`config.train.mix_gating` (a `lax.cond`, or on CPU computed always and selected with `where`).
 """
 import jax
 from jax import lax
