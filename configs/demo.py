@@ -148,6 +148,11 @@ def get_config(arg=None):
   config.eval.cam_threshold_step = 0.05  # sweep step
   config.eval.use_ema = True  # evaluate the EMA weights (as the official trainer saves)
 
+  # ---------------------------------------------------------------------------- export
+  config.export = ml_collections.ConfigDict()
+  config.export.split = "train"  # --mode=export writes pseudo labels of this split
+  config.export.bg_threshold = 0.45  # constant background score before the argmax (spec 8.1)
+
   if variant == "smoke":
     config.data.crop_size = 32
     config.data.resize_range = (28, 40)

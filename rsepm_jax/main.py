@@ -2,6 +2,7 @@
 
   python -m rsepm_jax.main --config=configs/demo.py --workdir=/tmp/rsepm_demo
   python -m rsepm_jax.main --config=configs/demo.py --workdir=/tmp/rsepm_demo --mode=eval
+  python -m rsepm_jax.main --config=configs/demo.py --workdir=/tmp/rsepm_demo --mode=export
 
 Kept short on purpose (as flax/examples): the logic lives in modules the tests import.
 """
@@ -12,16 +13,18 @@ import jax
 from ml_collections import config_flags
 
 from rsepm_jax import checkpoint
+from rsepm_jax import export
 from rsepm_jax import parallel
 from rsepm_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/demo.py or configs/demo.py:smoke.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export"],
                           "train: train (resuming if possible) then evaluate; "
-                          "eval: evaluate a saved checkpoint without training.")
-_STEP = flags.DEFINE_integer("step", None, "--mode=eval: checkpoint step (default: the latest).")
+                          "eval: evaluate a saved checkpoint without training; "
+                          "export: write pseudo-label PNGs of config.export.split.")
+_STEP = flags.DEFINE_integer("step", None, "--mode=eval|export: checkpoint step (default: the latest).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -35,8 +38,10 @@ def main(argv):
   config = _CONFIG.value
   if _MODE.value == "train":
     train.train_and_evaluate(config, _WORKDIR.value)
-  else:
+  elif _MODE.value == "eval":
     train.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)
+  else:
+    export.export_pseudo_labels(config, _WORKDIR.value, _STEP.value)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,81 @@
+"""`--mode=export`: pseudo-label PNGs of a split from a trained checkpoint (spec 8.1, single scale).
+
+For each image: the decoder's foreground probabilities, bilinear to the image, each channel
+divided by its maximum inside the image, kept for the image's tags only; a constant background
+score `config.export.bg_threshold` is prepended and the argmax is the label (0 background,
+c + 1 class c). Written as palette PNGs of the image's own size to
+`workdir/pseudo_labels/<split>/<id>.png`, each host its own share of the split.
+"""
+from absl import logging
+from etils import epath
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from rsepm_jax import checkpoint
+from rsepm_jax import image_ops
+from rsepm_jax import metrics
+from rsepm_jax import optimizer
+from rsepm_jax import parallel
+from rsepm_jax import state as state_lib
+from rsepm_jax import train
+from rsepm_jax.data import classes
+from rsepm_jax.data import pipeline
+from rsepm_jax.train_step import model_inputs
+
+
+def pseudo_labels(seg_logits, labels, crop_box, size, bg_threshold):
+  """Labels `int32 [B, *size]` from decoder logits `[B, h, w, C + 1]` and tags `[B, C]`."""
+  foreground = jax.nn.softmax(seg_logits.astype(jnp.float32), axis=-1)[..., 1:]
+  foreground = image_ops.resize_bilinear(foreground, size)
+  inside = image_ops.box_mask(crop_box, size)[..., None]
+  foreground = jnp.where(inside, foreground, 0.0)
+  foreground = foreground / (jnp.max(foreground, axis=(1, 2), keepdims=True) + 1e-5)
+  return metrics.cam_threshold_predictions(foreground, labels, jnp.asarray([bg_threshold]))[0]
+
+
+def export_pseudo_labels(config, workdir, step=None, split=None):
+  """Writes the PNGs of `split` (default `config.export.split`); returns how many this host wrote."""
+  split = split or config.export.split
+  mesh = parallel.make_mesh()
+  model = state_lib.build_model(config, bn_axis_name=parallel.DATA_AXIS)
+  if not model.with_decoder:
+    raise ValueError("--mode=export needs the decoder (config.model.with_decoder=True).")
+  _, total_steps = train.schedule_lengths(config)
+  tx = optimizer.make_optimizer(config.optim, total_steps)
+  target = state_lib.create_train_state(model, tx, config, state_lib.prng_key(0), mesh, pretrained=False)
+  manager = checkpoint.make_manager(workdir)
+  step = checkpoint.resolve_step(manager, step)
+  state = checkpoint.restore(manager, step, target)
+  manager.close()
+  variables = state_lib.eval_variables(state, config.eval.use_ema)
+
+  def predict(variables, batch):
+    outputs = model.apply(variables, model_inputs(batch), train=False)
+    return pseudo_labels(outputs["seg_logits"], batch["labels"], batch["crop_box"],
+                         batch["image"].shape[1:3], config.export.bg_threshold)
+
+  # Every host keeps its own images: the labels stay sharded like the batch.
+  predict = jax.jit(predict, out_shardings=parallel.batch_sharded(mesh))
+  out_dir = epath.Path(workdir) / "pseudo_labels" / split
+  out_dir.mkdir(parents=True, exist_ok=True)
+  palette = classes.color_palette().reshape(-1).tolist()
+  written = 0
+  for host_batch in pipeline.eval_batches(config.data, split, config.eval.global_batch_size):
+    arrays = {k: v for k, v in host_batch.items() if k != "id"}
+    predicted = predict(variables, parallel.to_global(arrays, mesh))
+    shards = sorted(predicted.addressable_shards, key=lambda shard: shard.index[0].start)
+    local = np.concatenate([np.asarray(shard.data) for shard in shards])
+    for label, image_id, box, valid in zip(local, host_batch["id"], host_batch["crop_box"],
+                                           host_batch["valid"]):
+      if not valid:
+        continue
+      png = Image.fromarray(label[box[0]:box[2], box[1]:box[3]].astype(np.uint8), mode="P")
+      png.putpalette(palette)
+      with (out_dir / f"{image_id}.png").open("wb") as f:
+        png.save(f, format="PNG")
+      written += 1
+  logging.info("Wrote %d pseudo-label PNGs of split %r (checkpoint step %d) to %s.",
+               written, split, step, out_dir)
+  return written
