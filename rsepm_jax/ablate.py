@@ -36,9 +36,7 @@ from rsepm_jax import checkpoint
 from rsepm_jax import evaluate
 from rsepm_jax import image_ops
 from rsepm_jax import metrics
-from rsepm_jax import optimizer
 from rsepm_jax import parallel
-from rsepm_jax import state as state_lib
 from rsepm_jax import train
 from rsepm_jax import train_step
 from rsepm_jax.data import pipeline
@@ -80,8 +78,7 @@ def row_scores(row, outputs, images, labels, settings):
   settings = dataclasses.replace(settings, use_scg=row == "CAM+SCG+PAMR", use_pamr=True, rounds=1)
   mask_image = image_ops.resize_bilinear_align_corners(images, mask_size)
   probs = recurseed.refine(source, features, mask_image, labels, settings)
-  foreground = probs[..., 1:]
-  return foreground / (jnp.max(foreground, axis=(1, 2), keepdims=True) + 1e-5) * tags
+  return recurseed.max_normalize(probs[..., 1:]) * tags
 
 
 def make_seed_step(model, rows, settings, num_classes, thresholds, mesh):
@@ -107,14 +104,7 @@ def make_seed_step(model, rows, settings, num_classes, thresholds, mesh):
 def score_rows(config, workdir, step, rows):
   """Best-threshold {row: {"miou", "fp", "fn", "threshold"}} of the checkpoint `step` in `workdir`."""
   mesh = parallel.make_mesh()
-  model = state_lib.build_model(config, bn_axis_name=parallel.DATA_AXIS)
-  _, total_steps = train.schedule_lengths(config)
-  tx = optimizer.make_optimizer(config.optim, total_steps)
-  target = state_lib.create_train_state(model, tx, config, state_lib.prng_key(0), mesh, pretrained=False)
-  manager = checkpoint.make_manager(workdir)
-  state = checkpoint.restore(manager, checkpoint.resolve_step(manager, step), target)
-  manager.close()
-  variables = state_lib.eval_variables(state, config.eval.use_ema)
+  model, variables, _ = train.restore_for_inference(config, workdir, mesh, step)
   thresholds = evaluate.cam_thresholds(config.eval)
   seed_step = make_seed_step(model, rows, train_step.recurseed_settings(config),
                              config.data.num_classes, jnp.asarray(thresholds, jnp.float32), mesh)

@@ -29,7 +29,8 @@ def cam_thresholds(eval_config):
 
 
 def upsampled_cam_scores(cams, crop_box, size):
-  """Raw CAMs `[B, h, w, C]` -> `[B, H, W, C]` in [0, 1], max-normalised inside `crop_box`."""
+  """Raw CAMs (or other per-class scores) `[B, h, w, C]` -> `[B, H, W, C]` in [0, 1]: relu,
+  bilinear to `size`, each channel divided by its maximum inside `crop_box`."""
   scores = image_ops.resize_bilinear(jax.nn.relu(cams), size)
   inside = image_ops.box_mask(crop_box, size)[..., None]
   peak = jnp.max(jnp.where(inside, scores, 0.0), axis=(1, 2), keepdims=True)

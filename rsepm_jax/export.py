@@ -13,12 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from rsepm_jax import checkpoint
-from rsepm_jax import image_ops
+from rsepm_jax import evaluate
 from rsepm_jax import metrics
-from rsepm_jax import optimizer
 from rsepm_jax import parallel
-from rsepm_jax import state as state_lib
 from rsepm_jax import train
 from rsepm_jax.data import classes
 from rsepm_jax.data import pipeline
@@ -28,28 +25,17 @@ from rsepm_jax.train_step import model_inputs
 def pseudo_labels(seg_logits, labels, crop_box, size, bg_threshold):
   """Labels `int32 [B, *size]` from decoder logits `[B, h, w, C + 1]` and tags `[B, C]`."""
   foreground = jax.nn.softmax(seg_logits.astype(jnp.float32), axis=-1)[..., 1:]
-  foreground = image_ops.resize_bilinear(foreground, size)
-  inside = image_ops.box_mask(crop_box, size)[..., None]
-  foreground = jnp.where(inside, foreground, 0.0)
-  foreground = foreground / (jnp.max(foreground, axis=(1, 2), keepdims=True) + 1e-5)
+  foreground = evaluate.upsampled_cam_scores(foreground, crop_box, size)
   return metrics.cam_threshold_predictions(foreground, labels, jnp.asarray([bg_threshold]))[0]
 
 
 def export_pseudo_labels(config, workdir, step=None, split=None):
   """Writes the PNGs of `split` (default `config.export.split`); returns how many this host wrote."""
   split = split or config.export.split
-  mesh = parallel.make_mesh()
-  model = state_lib.build_model(config, bn_axis_name=parallel.DATA_AXIS)
-  if not model.with_decoder:
+  if not config.model.with_decoder:
     raise ValueError("--mode=export needs the decoder (config.model.with_decoder=True).")
-  _, total_steps = train.schedule_lengths(config)
-  tx = optimizer.make_optimizer(config.optim, total_steps)
-  target = state_lib.create_train_state(model, tx, config, state_lib.prng_key(0), mesh, pretrained=False)
-  manager = checkpoint.make_manager(workdir)
-  step = checkpoint.resolve_step(manager, step)
-  state = checkpoint.restore(manager, step, target)
-  manager.close()
-  variables = state_lib.eval_variables(state, config.eval.use_ema)
+  mesh = parallel.make_mesh()
+  model, variables, step = train.restore_for_inference(config, workdir, mesh, step)
 
   def predict(variables, batch):
     outputs = model.apply(variables, model_inputs(batch), train=False)

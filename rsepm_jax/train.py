@@ -161,12 +161,10 @@ def _evaluate_and_report(model, state, config, mesh, workdir, step, writer):
   return results
 
 
-def evaluate_checkpoint(config, workdir, step=None):
-  """`--mode=eval`: scores a saved checkpoint (the latest by default) without training."""
-  mesh = parallel.make_mesh()
+def restore_for_inference(config, workdir, mesh, step=None):
+  """(model, evaluation variables, step) of the checkpoint `step` (default: latest) in `workdir`."""
   model = state_lib.build_model(config, bn_axis_name=parallel.DATA_AXIS)
-  steps_per_epoch, total_steps = schedule_lengths(config)
-  del steps_per_epoch
+  _, total_steps = schedule_lengths(config)
   tx = optimizer.make_optimizer(config.optim, total_steps)
   manager = checkpoint.make_manager(workdir)
   step = checkpoint.resolve_step(manager, step)
@@ -174,7 +172,14 @@ def evaluate_checkpoint(config, workdir, step=None):
       model, tx, config, state_lib.prng_key(0), mesh, pretrained=False)
   state = checkpoint.restore(manager, step, target)
   manager.close()
-  results = evaluate.evaluate(model, state_lib.eval_variables(state, config.eval.use_ema), config, mesh)
+  return model, state_lib.eval_variables(state, config.eval.use_ema), step
+
+
+def evaluate_checkpoint(config, workdir, step=None):
+  """`--mode=eval`: scores a saved checkpoint (the latest by default) without training."""
+  mesh = parallel.make_mesh()
+  model, variables, step = restore_for_inference(config, workdir, mesh, step)
+  results = evaluate.evaluate(model, variables, config, mesh)
   evaluate.report(results, config, workdir, step)
   logging.info("Results: %s", json.dumps({k: results[k]["miou"] for k in ("cam", "decoder") if k in results}))
   return results

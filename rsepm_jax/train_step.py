@@ -171,6 +171,8 @@ def make_train_step(model, tx, config, mesh, total_steps, steps_per_epoch):
       terms = {name: _per_device(jnp.zeros(())) for name in ("mix_cls", "mix_seg", "mix_cam")}
       return jnp.zeros(()), terms, batch_stats, jax.tree.map(jnp.zeros_like, params)
 
+    # Gradients are taken per pass and selected, never through the gate: a non-finite mixed
+    # pass before mix_start (all-ignore seeds) cannot leak into the update through `where`.
     if mix_gating == "cond":
       return lax.cond(mix_on, with_mix, without_mix)
     return jax.tree.map(lambda on, off: jnp.where(mix_on, on, off), with_mix(), without_mix())

@@ -54,6 +54,14 @@ def test_train_reduces_loss_checkpoints_and_evaluates(tmp_path):
   assert len(saved["cam"]["iou"]) == config.data.num_classes + 1
   step, _ = _restore_latest(config, tmp_path)
   assert step == 24
+  # --mode=eval on the saved checkpoint reproduces the end-of-training scores ...
+  again = train.evaluate_checkpoint(config, str(tmp_path), step=24)
+  assert again["cam"]["miou"] == pytest.approx(results["cam"]["miou"])
+  assert again["decoder"]["miou"] == pytest.approx(results["decoder"]["miou"])
+  assert 0 < again["all_background_miou"] < 1
+  # ... and a step that was not kept is a clear error listing the ones that were.
+  with pytest.raises(FileNotFoundError, match=r"step 8 not found.*\[20, 24\]"):
+    train.evaluate_checkpoint(config, str(tmp_path), step=8)
 
 
 def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch):

@@ -52,13 +52,14 @@ class Settings:
       raise ValueError(f"rounds={self.rounds}; expected at least 1.")
 
 
-def _max_normalize(scores):
+def max_normalize(scores):
+  """`[B, H, W, C]` maps divided per image and channel by their spatial maximum (+1e-5)."""
   return scores / (jnp.max(scores, axis=(1, 2), keepdims=True) + 1e-5)
 
 
 def cam_source(cams, labels):
   """Normalised CAM of the tagged classes: `[B, h, w, C]` in [0, 1]."""
-  return _max_normalize(jax.nn.relu(cams)) * labels[:, None, None, :]
+  return max_normalize(jax.nn.relu(cams)) * labels[:, None, None, :]
 
 
 def decoder_source(seg_logits, labels, size, normalize=True):
@@ -66,7 +67,7 @@ def decoder_source(seg_logits, labels, size, normalize=True):
   foreground = jax.nn.softmax(seg_logits.astype(jnp.float32), axis=-1)[..., 1:]
   foreground = image_ops.resize_bilinear(foreground, size)
   if normalize:
-    foreground = _max_normalize(foreground)
+    foreground = max_normalize(foreground)
   return foreground * labels[:, None, None, :]
 
 
@@ -110,7 +111,7 @@ def refine(source, features, mask_image, labels, settings):
     if settings.use_pamr:
       probs = pamr_lib.pamr(mask_image, probs, num_iter=settings.pamr_iter,
                             dilations=tuple(settings.pamr_dilations), sigma=settings.pamr_sigma)
-    next_scores = _max_normalize(image_ops.resize_bilinear(probs[..., 1:], grid)) * tags
+    next_scores = max_normalize(image_ops.resize_bilinear(probs[..., 1:], grid)) * tags
     return next_scores, probs
 
   _, probs = lax.scan(one_round, source, length=settings.rounds)
