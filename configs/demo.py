@@ -90,6 +90,9 @@ def get_config(arg=None):
   # (lax.cond), "where" always computes it and selects the result (XLA:CPU runs backward
   # convolutions inside a lax.cond ~10x slower), "auto" = "where" on CPU, else "cond".
   config.train.mix_gating = "auto"
+  # BatchNorm running statistics: updated by the clean and then the mixed pass ("both") or by
+  # the clean pass only ("clean"). Normalisation inside each pass always uses its own batch.
+  config.train.bn_stats = "both"
 
   # ---------------------------------------------------------------------------- losses and phases
   config.loss = ml_collections.ConfigDict()
@@ -114,17 +117,27 @@ def get_config(arg=None):
   config.recurseed.second_th = 0.1  # SCG second-order threshold, times 1/N
   config.recurseed.fg_th = 0.3  # SCG foreground seed threshold
   config.recurseed.bg_th = 0.05  # SCG background seed threshold
-  config.recurseed.bg_gamma = 2.0  # background (1 - max fg)^gamma
+  config.recurseed.scg_iterations = 1  # SCG extra random-walk products (1 = second order)
+  config.recurseed.scg_second_weight = 1.0  # SCG lambda: max(first order, lambda * second order)
+  # Background (1 - max fg)^gamma before PAMR. PAMR propagates every channel on its own, so under
+  # the threshold rule gamma changes no seed; it shapes the margin rule and the EPM edges.
+  config.recurseed.bg_gamma = 2.0
   config.recurseed.pamr_iter = 10  # PAMR iterations (spec 3.2)
   config.recurseed.pamr_dilations = (1, 2, 4, 8, 12, 24)  # PAMR dilations (spec 3.2)
   config.recurseed.pamr_sigma = 0.1  # PAMR affinity scale
   config.recurseed.certain = 0.55  # confidence filter: foreground at or above
   config.recurseed.uncertain = 0.10  # confidence filter: background at or below
   config.recurseed.confidence_rule = "threshold"  # threshold | margin (top-1 minus top-2)
+  # What the confidence filter thresholds (the label is always argmax of the refined P):
+  # "source" = the RecurSeed source S before SCG/PAMR (spec 4.2: max_c S_c) | "refined" = P.
+  config.recurseed.filter_input = "source"
   config.recurseed.rounds = 1  # SCG -> PAMR rounds per step (lax.scan)
   config.recurseed.use_scg = True  # ablation switch
   config.recurseed.use_pamr = True  # ablation switch
   config.recurseed.normalize_decoder_source = True  # per-class max-normalise the decoder source
+  # Decoder source from the training pass with dropout (True) or from the decoder head re-run
+  # on the same features without dropout, under stop_gradient (False).
+  config.recurseed.decoder_source_dropout = False
 
   # ---------------------------------------------------------------------------- mixing
   config.mix = ml_collections.ConfigDict()
@@ -137,7 +150,13 @@ def get_config(arg=None):
   config.mix.canny_blur = 5  # Gaussian pre-blur kernel size
   config.mix.fill_regions = True  # complete uncertain pixels inside edge-bounded regions
   config.mix.class_subset = "all"  # partner classes pasted by EPM: all | half
-  config.mix.ignore_edge_band = True  # ignore edge pixels on the pasted boundary
+  # EPM targets: the completed seeds of both images (spec 5.2 step 2) | "seeds": the CF seeds
+  # as they are (completion then only shapes the paste mask).
+  config.mix.mix_targets = "completed"
+  config.mix.ignore_edge_band = True  # EPM: set an edge band of the pasted mask to ignore
+  # EPM band: "pasted_edges" = edges of the partner inside its pasted mask or touching it (spec
+  # 5.2 step 3) | "label_change" = edges in the ring across the mask's boundary where labels differ.
+  config.mix.edge_band = "pasted_edges"
   config.mix.drop_covered_classes = False  # drop tags whose seed is entirely covered
 
   # ---------------------------------------------------------------------------- evaluation

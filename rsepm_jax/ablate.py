@@ -41,7 +41,6 @@ from rsepm_jax import train
 from rsepm_jax import train_step
 from rsepm_jax.data import pipeline
 from rsepm_jax.refine import recurseed
-from rsepm_jax.refine import scg as scg_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the runs and ablation.json.")
@@ -73,8 +72,7 @@ def row_scores(row, outputs, images, labels, settings):
     return source
   features = recurseed.scg_features(outputs["features"], settings.scg_levels, cams.shape[1:3])
   if row == "CAM+SCG":
-    return scg_lib.scg(source, features, first_th=settings.first_th, second_th=settings.second_th,
-                       fg_th=settings.fg_th, bg_th=settings.bg_th) * tags
+    return recurseed.scg(source, features, settings) * tags
   settings = dataclasses.replace(settings, use_scg=row == "CAM+SCG+PAMR", use_pamr=True, rounds=1)
   mask_image = image_ops.resize_bilinear_align_corners(images, mask_size)
   probs = recurseed.refine(source, features, mask_image, labels, settings)

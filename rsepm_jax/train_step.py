@@ -11,9 +11,13 @@ RecurSeed and EdgePredictMix share one compiled step:
   epoch <  rs_start_epoch:   L = L_cls
   epoch >= rs_start_epoch:   + w_seg L_seg + w_cam L_cam on RecurSeed pseudo masks (spec 4.2)
   epoch >= mix_start_epoch:  + the same three losses on the mixed batch (spec 5.2)
-The RecurSeed source switches from the CAM to the decoder at `decoder_source_epoch`. The
+The RecurSeed source switches from the CAM to the decoder at `decoder_source_epoch`; the
+decoder source is the training pass's output (dropout on) or, by default, the decoder head
+re-run on the same features without dropout (`config.recurseed.decoder_source_dropout`). The
 RecurSeed refinement sits in a `lax.cond`; the mixed-batch pass is gated by
 `config.train.mix_gating` (a `lax.cond`, or on CPU computed always and selected with `where`).
+BatchNorm statistics come from both passes in turn, or from the clean pass only
+(`config.train.bn_stats`).
 """
 import jax
 from jax import lax
@@ -24,6 +28,7 @@ import optax
 from rsepm_jax import image_ops
 from rsepm_jax import losses
 from rsepm_jax import optimizer
+from rsepm_jax.models import rsepm
 from rsepm_jax.parallel import DATA_AXIS
 from rsepm_jax.refine import edge_predict_mix
 from rsepm_jax.refine import recurseed
@@ -58,6 +63,17 @@ def resolve_mix_gating(gating):
   if gating not in ("cond", "where"):
     raise ValueError(f"config.train.mix_gating must be 'auto', 'cond' or 'where', got {gating!r}")
   return gating
+
+
+def resolve_bn_stats(bn_stats):
+  if bn_stats not in ("both", "clean"):
+    raise ValueError(f"config.train.bn_stats must be 'both' or 'clean', got {bn_stats!r}")
+  return bn_stats
+
+
+def cam_stride(config):
+  """Input pixels per CAM cell for `config.model` (`output_stride` x `last_stride`)."""
+  return rsepm.cam_stride(config.model.output_stride, config.model.last_stride)
 
 
 def _finite(tree):
@@ -101,7 +117,8 @@ def _mix_across_devices(rng, local, settings):
   return edge_predict_mix.mix_pairs(keys, local, partner, settings)
 
 
-def _cls_loss(outputs, labels, crop_box, stride):
+def cls_loss(outputs, labels, crop_box, stride):
+  """MLSM of the CAM's average inside `crop_box` (input pixels) mapped onto the CAM grid."""
   cam_box = image_ops.scale_box(crop_box, stride)
   return losses.multilabel_soft_margin(losses.masked_gap(outputs["cams"], cam_box), labels)
 
@@ -109,37 +126,54 @@ def _cls_loss(outputs, labels, crop_box, stride):
 def make_train_step(model, tx, config, mesh, total_steps, steps_per_epoch):
   """Returns the jitted step; `state` is donated."""
   optim, loss_config = config.optim, config.loss
-  stride = config.model.output_stride
+  stride = cam_stride(config)
   schedule = optimizer.poly_schedule(optim.lr, total_steps, optim.poly_power)
   rs_settings = recurseed_settings(config)
   mixing = mix_settings(config)
   mix_gating = resolve_mix_gating(config.train.mix_gating)
+  bn_stats_from = resolve_bn_stats(config.train.bn_stats)
 
   def forward(params, batch_stats, images, dropout_rng):
     return model.apply(
         {"params": params, "batch_stats": batch_stats}, images, train=True,
         mutable=["batch_stats"], rngs={"dropout": dropout_rng})
 
+  def source_logits(params, batch_stats, outputs, decoder_on):
+    """Decoder logits for the RecurSeed source, under stop_gradient: the training pass's, or the
+    head re-run on its features without dropout (batch statistics, no BN update kept)."""
+    if rs_settings.decoder_source_dropout:
+      return outputs["seg_logits"]
+
+    def rerun():
+      variables = lax.stop_gradient({"params": params, "batch_stats": batch_stats})
+      features = lax.stop_gradient(outputs["features"])
+      rerun_outputs, _ = model.apply(variables, None, train=True, dropout=False,
+                                     features=features, mutable=["batch_stats"])
+      return rerun_outputs["seg_logits"]
+
+    return lax.cond(decoder_on, rerun, lambda: outputs["seg_logits"])
+
   def compute_loss(params, batch_stats, batch, rngs, epoch):
     """Loss on the batch itself: L_cls, then RecurSeed's L_seg and L_cam once `rs_on`."""
     rs_on = epoch >= loss_config.rs_start_epoch
-    decoder_weight = (epoch >= loss_config.decoder_source_epoch).astype(jnp.float32)
+    decoder_on = epoch >= loss_config.decoder_source_epoch
     images = model_inputs(batch)
     outputs, mutated = forward(params, batch_stats, images, rngs["dropout"])
-    batch_stats = mutated["batch_stats"]
-    terms = {"cls": _cls_loss(outputs, batch["labels"], batch["crop_box"], stride)}
+    terms = {"cls": cls_loss(outputs, batch["labels"], batch["crop_box"], stride)}
     if not model.with_decoder:
-      return lax.pmean(terms["cls"], DATA_AXIS), (terms, batch_stats, None)
+      return lax.pmean(terms["cls"], DATA_AXIS), (terms, mutated["batch_stats"], None)
 
     seg_grid = outputs["seg_logits"].shape[:3]
     no_seeds = (_per_device(jnp.full(seg_grid, IGNORE, jnp.int32)),
                 _per_device(jnp.zeros(seg_grid + (outputs["seg_logits"].shape[-1],), jnp.float32)))
     seeds, probs = lax.cond(
         rs_on,
-        lambda: recurseed.pseudo_mask(images, outputs["cams"], outputs["seg_logits"],
-                                      outputs["features"], batch["labels"], batch["crop_box"],
-                                      decoder_weight, rs_settings),
+        lambda: recurseed.pseudo_mask(
+            images, outputs["cams"], source_logits(params, batch_stats, outputs, decoder_on),
+            outputs["features"], batch["labels"], batch["crop_box"],
+            decoder_on.astype(jnp.float32), rs_settings),
         lambda: no_seeds)
+    batch_stats = mutated["batch_stats"]
     seg, cam = _seed_losses(outputs, seeds, loss_config)
     terms["seg"], terms["cam"] = jnp.where(rs_on, seg, 0.0), jnp.where(rs_on, cam, 0.0)
     terms["seed_valid"] = jnp.mean(seeds != IGNORE)
@@ -151,11 +185,12 @@ def make_train_step(model, tx, config, mesh, total_steps, steps_per_epoch):
   def compute_mixed_loss(params, batch_stats, mixed, dropout_rng):
     """The same three losses on the mixed batch (spec 5.2)."""
     outputs, mutated = forward(params, batch_stats, mixed["images"], dropout_rng)
-    terms = {"mix_cls": _cls_loss(outputs, mixed["labels"], mixed["crop_box"], stride)}
+    terms = {"mix_cls": cls_loss(outputs, mixed["labels"], mixed["crop_box"], stride)}
     terms["mix_seg"], terms["mix_cam"] = _seed_losses(outputs, mixed["seeds"], loss_config)
     total = (loss_config.mix_cls * terms["mix_cls"] + loss_config.mix_seg * terms["mix_seg"]
              + loss_config.mix_cam * terms["mix_cam"])
-    return lax.pmean(total, DATA_AXIS), (terms, mutated["batch_stats"])
+    new_stats = mutated["batch_stats"] if bn_stats_from == "both" else batch_stats
+    return lax.pmean(total, DATA_AXIS), (terms, new_stats)
 
   def mixed_loss_and_grads(mix_on, params, batch_stats, mix_inputs, rngs):
     """(loss, terms, batch_stats, grads) of the mixed batch; zeros and `batch_stats` unchanged

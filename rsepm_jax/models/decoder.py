@@ -32,6 +32,7 @@ class ASPP(nn.Module):
 
   x: [B, h, w, C] -> [B, h, w, features]: a 1x1 branch, one 3x3 branch per dilation and an
   image-pooling branch, concatenated, projected by a 1x1 ConvBlock, then Dropout (0.5).
+  Dropout is active when `train and dropout`.
   """
   features: int = 256
   dilations: Sequence[int] = (6, 12, 18)
@@ -40,7 +41,7 @@ class ASPP(nn.Module):
   bn_axis_name: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x, train=False):
+  def __call__(self, x, train=False, dropout=True):
     def conv_block(kernel_size, name, dilation=1):
       return ConvBlock(self.features, kernel_size, dilation, dtype=self.dtype,
                        bn_axis_name=self.bn_axis_name, name=name)
@@ -52,14 +53,15 @@ class ASPP(nn.Module):
     pooled = conv_block(1, "image_pool")(pooled, train)
     branches.append(image_ops.resize_bilinear(pooled, x.shape[1:3]))
     x = conv_block(1, "project")(jnp.concatenate(branches, axis=-1), train)
-    return nn.Dropout(self.dropout, deterministic=not train)(x)
+    return nn.Dropout(self.dropout, deterministic=not (train and dropout))(x)
 
 
 class DeepLabV3PlusDecoder(nn.Module):
   """DeepLabv3+ decoder (spec 1.3).
 
   aspp_features: [B, h, w, D] (stride 16 or 8), low_level: [B, H4, W4, C2] (C2, stride 4)
-  -> logits [B, H4, W4, num_classes + 1] (background first), in `dtype`.
+  -> logits [B, H4, W4, num_classes + 1] (background first), in `dtype`. Dropout is active when
+  `train and dropout`.
   """
   num_classes: int
   features: int = 256
@@ -69,7 +71,7 @@ class DeepLabV3PlusDecoder(nn.Module):
   bn_axis_name: Optional[str] = None
 
   @nn.compact
-  def __call__(self, aspp_features, low_level, train=False):
+  def __call__(self, aspp_features, low_level, train=False, dropout=True):
     def conv_block(features, kernel_size, name):
       return ConvBlock(features, kernel_size, dtype=self.dtype,
                        bn_axis_name=self.bn_axis_name, name=name)
@@ -78,7 +80,7 @@ class DeepLabV3PlusDecoder(nn.Module):
     upsampled = image_ops.resize_bilinear(aspp_features, low_level.shape[1:3])
     x = jnp.concatenate([upsampled, low_level], axis=-1)
     x = conv_block(self.features, 3, "conv1")(x, train)
-    x = nn.Dropout(self.dropout[0], deterministic=not train)(x)
+    x = nn.Dropout(self.dropout[0], deterministic=not (train and dropout))(x)
     x = conv_block(self.features, 3, "conv2")(x, train)
-    x = nn.Dropout(self.dropout[1], deterministic=not train)(x)
+    x = nn.Dropout(self.dropout[1], deterministic=not (train and dropout))(x)
     return resnet.conv2d(self.num_classes + 1, 3, dtype=self.dtype, name="classifier")(x)

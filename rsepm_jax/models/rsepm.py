@@ -10,6 +10,11 @@ from rsepm_jax.models import resnet
 BACKBONES = ("resnet50", "resnet101", "tiny")
 
 
+def cam_stride(output_stride, last_stride):
+  """Input pixels per CAM cell: layer4 runs at `output_stride` times its own `last_stride`."""
+  return output_stride * last_stride
+
+
 def normalized_cam(cams):
   """Per-class max-normalised CAM, `relu(cam) / (max_hw relu(cam) + 1e-5)` (spec 1.2).
 
@@ -22,12 +27,15 @@ def normalized_cam(cams):
 class RSEPMNet(nn.Module):
   """RS+EPM network (spec 1.1-1.3).
 
-  `__call__(images [B, H, W, 3] float32 normalised, train)` returns
-    cams: [B, H/s, W/s, C] float32 raw CAM logits (s = output stride of C5),
+  `__call__(images [B, H, W, 3] float32 normalised, train, dropout=True, features=None)` returns
+    cams: [B, H/s, W/s, C] float32 raw CAM logits (s = `cam_stride(output_stride, last_stride)`),
     cls_logits: [B, C] float32, the global average of `cams`,
     features: {"C1".."C5"} backbone features in `dtype`,
     seg_logits: [B, H/4, W/4, C + 1] float32 decoder logits (only when `with_decoder`).
   Submodules: `backbone`, `classifier` (1x1 conv, no bias), `aspp`, `decoder`.
+  Dropout of the decoder head is active when `train and dropout`. Given `features` (the dict of
+  an earlier call), the backbone is skipped and only the heads run on them (`images` unused):
+  RecurSeed re-runs the decoder head without dropout this way.
   """
   num_classes: int
   backbone: str = "resnet50"  # one of BACKBONES
@@ -55,8 +63,9 @@ class RSEPMNet(nn.Module):
     raise ValueError(f"Unknown backbone {self.backbone!r}; choose one of {BACKBONES}.")
 
   @nn.compact
-  def __call__(self, images, train=False):
-    features = self._backbone_module()(images, train)
+  def __call__(self, images, train=False, dropout=True, features=None):
+    if features is None:
+      features = self._backbone_module()(images, train)
     cams = resnet.conv2d(self.num_classes, 1, dtype=self.dtype, name="classifier")(
         features["C5"]).astype(jnp.float32)
     outputs = {"cams": cams, "cls_logits": jnp.mean(cams, axis=(1, 2)), "features": features}
@@ -67,10 +76,10 @@ class RSEPMNet(nn.Module):
       aspp_features = decoder.ASPP(self.decoder_channels, dilations, self.aspp_dropout,
                                    dtype=self.dtype,
                                    bn_axis_name=self.bn_axis_name, name="aspp")(
-                                       features["C5"], train)
+                                       features["C5"], train, dropout)
       seg_logits = decoder.DeepLabV3PlusDecoder(
           self.num_classes, self.decoder_channels, self.low_level_channels,
           tuple(self.decoder_dropout), dtype=self.dtype, bn_axis_name=self.bn_axis_name, name="decoder")(
-              aspp_features, features["C2"], train)
+              aspp_features, features["C2"], train, dropout)
       outputs["seg_logits"] = seg_logits.astype(jnp.float32)
     return outputs

@@ -4,12 +4,14 @@ Every choice is a field of `MixSettings`. For every image i of a batch and its p
 
     edges_j     = thresholded probability difference between 4-neighbours of P_j (spec 5.2
                   step 1), or the Canny edges of x_j, or both
-    completed_j = seed_j with the uncertain pixels of every edge-bounded region set to the
-                  region's majority certain label; background on edges -> ignore (step 2)
+    completed   = seed with the uncertain pixels of every edge-bounded region set to the
+                  region's majority certain label; background on edges -> ignore (step 2);
+                  EPM completes the seeds of both images
     M_j         = completed_j in the selected foreground classes (EPM), seed_j in a random half
                   of its classes (ClassMix), or a random rectangle (CutMix)
-    x_mix = M_j ? x_j : x_i        seed_mix = M_j ? seed_j : seed_i   (step 3)
-                  EPM: 255 on edges_j next to the boundary of M_j where the two labels differ
+    x_mix = M_j ? x_j : x_i        seed_mix = M_j ? completed_j : completed_i   (step 3;
+                  CutMix / ClassMix, or `mix_targets="seeds"`: the seeds as they are)
+                  EPM: 255 on the edges of j inside M_j or touching it (`edge_band`)
     y_mix = y_i | classes pasted from j
 
 Everything runs under `stop_gradient`; nothing here has parameters. Seeds and probabilities live
@@ -30,6 +32,8 @@ IGNORE = 255
 _KINDS = ("epm", "cutmix", "classmix")
 _EDGE_SOURCES = ("probability", "canny", "both")
 _CLASS_SUBSETS = ("all", "half")
+_MIX_TARGETS = ("completed", "seeds")
+_EDGE_BANDS = ("pasted_edges", "label_change")
 # OpenCV's uint8 RGB -> gray: 0.299 R + 0.587 G + 0.114 B in Q14 fixed point, rounded half up.
 _GRAY_WEIGHTS_Q14 = (4899, 9617, 1868)
 _GRAY_SHIFT = 14
@@ -47,12 +51,19 @@ class MixSettings:
   canny_blur: int = 5  # Gaussian pre-blur size of `cv2.GaussianBlur((k, k), 0)`
   fill_regions: bool = True  # EPM: complete the seed inside edge-bounded regions (step 2)
   class_subset: str = "all"  # EPM: all | half of the partner's classes (ClassMix always half)
-  ignore_edge_band: bool = True  # EPM: ignore edge pixels next to the boundary of the mask
+  # EPM: what is mixed: the completed seeds of both images (spec 5.2 step 2) | the seeds as
+  # they are (completion then only shapes M).
+  mix_targets: str = "completed"
+  ignore_edge_band: bool = True  # EPM: set an edge band around the pasted mask to ignore
+  # EPM band: edges of j inside M_j or touching it (spec 5.2 step 3) | label_change: edges of j
+  # in the 3x3 ring across the boundary of M_j where the two mixed labels differ.
+  edge_band: str = "pasted_edges"
   drop_covered_classes: bool = False  # drop a class of i whose seed is entirely covered
 
   def __post_init__(self):
     for name, allowed in (("kind", _KINDS), ("edge_source", _EDGE_SOURCES),
-                          ("class_subset", _CLASS_SUBSETS)):
+                          ("class_subset", _CLASS_SUBSETS), ("mix_targets", _MIX_TARGETS),
+                          ("edge_band", _EDGE_BANDS)):
       if getattr(self, name) not in allowed:
         raise ValueError(
             f"MixSettings.{name}={getattr(self, name)!r}; expected one of {allowed}.")
@@ -227,6 +238,11 @@ def _random_rectangles(keys, size):
   return image_ops.box_mask(jax.vmap(one_box)(keys), size)
 
 
+def _dilate(mask):
+  """bool [B, h, w]: `mask` grown by its 8-neighbours."""
+  return lax.reduce_window(mask.astype(jnp.int32), 0, lax.max, (1, 3, 3), (1, 1, 1), "SAME") > 0
+
+
 def _boundary_band(mask):
   """bool [B, h, w]: pixels whose 3x3 neighbourhood holds both mask and non-mask pixels.
 
@@ -291,6 +307,13 @@ def mix_pairs(keys, target, partner, settings):
   mask_size = seeds.shape[1:]
   num_classes = target["probs"].shape[-1] - 1
 
+  def edges_and_completion(batch, batch_seeds, box):
+    edges = predicted_edges(batch["probs"], batch["images"], settings)
+    if not settings.fill_regions:
+      return edges, batch_seeds
+    valid = image_ops.box_mask(image_ops.scale_box(box, height // mask_size[0]), mask_size)
+    return edges, fill_regions(batch_seeds, edges, num_classes, valid)
+
   # What the partner pastes: its region seeds and paste mask.
   region_seeds = partner_seeds
   edges = None
@@ -298,28 +321,31 @@ def mix_pairs(keys, target, partner, settings):
     paste = _random_rectangles(keys, mask_size)
   else:
     if settings.kind == "epm":
-      edges = predicted_edges(partner["probs"], partner["images"], settings)
-      if settings.fill_regions:
-        stride = height // mask_size[0]
-        valid = image_ops.box_mask(image_ops.scale_box(partner_box, stride), mask_size)
-        region_seeds = fill_regions(partner_seeds, edges, num_classes, valid)
+      edges, region_seeds = edges_and_completion(partner, partner_seeds, partner_box)
     present = _class_presence(region_seeds, num_classes)
     half = settings.kind == "classmix" or settings.class_subset == "half"
     selected = _random_half(keys, present) if half else present
     paste = _pixels_of_classes(region_seeds, selected)
 
-  # The targets stay the CF seeds: completion only shapes M (ignore stays ignore).
-  mixed_seeds = jnp.where(paste, partner_seeds, seeds)
+  # The mixed targets: EPM's completed seeds of both images, or the seeds as they are.
+  if edges is not None and settings.mix_targets == "completed":
+    pasted_seeds, base_seeds = region_seeds, edges_and_completion(target, seeds, crop_box)[1]
+  else:
+    pasted_seeds, base_seeds = partner_seeds, seeds
+  mixed_seeds = jnp.where(paste, pasted_seeds, base_seeds)
   if edges is not None and settings.ignore_edge_band:
-    band = edges & _boundary_band(paste) & (partner_seeds != seeds)
+    if settings.edge_band == "pasted_edges":
+      band = edges & _dilate(paste)
+    else:
+      band = edges & _boundary_band(paste) & (pasted_seeds != base_seeds)
     mixed_seeds = jnp.where(band, IGNORE, mixed_seeds)
 
   # Tags: the classes pasted (before the edge band, which hides no image content).
   tags = labels > 0
   pasted = _class_presence(region_seeds, num_classes, paste)
   if settings.drop_covered_classes:
-    had = _class_presence(seeds, num_classes)
-    visible = _class_presence(seeds, num_classes, ~paste)
+    had = _class_presence(base_seeds, num_classes)
+    visible = _class_presence(base_seeds, num_classes, ~paste)
     tags &= ~(had & ~visible)
   mixed_labels = (tags | pasted).astype(labels.dtype)
 
