@@ -77,6 +77,16 @@ def reference_fill_regions(seed, edges, num_classes, valid):
   return completed
 
 
+def reference_dilate(mask):
+  """Pixels with a mask pixel in their in-image 3x3 window (8-neighbours and itself)."""
+  grown = np.zeros(mask.shape, bool)
+  height, width = mask.shape[1:]
+  for y in range(height):
+    for x in range(width):
+      grown[:, y, x] = mask[:, max(y - 1, 0):y + 2, max(x - 1, 0):x + 2].any(axis=(1, 2))
+  return grown
+
+
 def reference_boundary_band(mask):
   """Pixels whose in-image 3x3 window holds both mask and non-mask pixels."""
   band = np.zeros(mask.shape, bool)
@@ -95,7 +105,16 @@ def classes_in(seed, where=None):
                    for b in range(seed.shape[0])])
 
 
+def label_grid(*rows):
+  """int32 [h, w] from strings of labels, one per row; `x` is ignore (255)."""
+  return np.array([[IGNORE if c == "x" else int(c) for c in row] for row in rows], np.int32)
+
+
 # ----------------------------------------------------------------------------- inputs
+
+# The crop boxes of `random_batch` in image pixels and on the mask grid (floor / ceil of / 4).
+CROP_BOXES = np.array([[0, 0, 32, 32], [4, 0, 32, 28], [0, 8, 20, 32], [5, 3, 29, 31]])
+MASK_BOXES = np.array([[0, 0, 8, 8], [1, 0, 8, 7], [0, 2, 5, 8], [1, 0, 8, 8]])
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,15 +131,38 @@ def random_batch(seed=0):
   logits[..., 1:][~np.broadcast_to(tags[:, None, None], logits[..., 1:].shape)] = -30.0
   probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
   seeds = np.where(probs.max(-1) >= 0.55, probs.argmax(-1), IGNORE)
-  crop_box = np.array([[0, 0, 32, 32], [4, 0, 32, 28], [0, 8, 20, 32], [5, 3, 29, 31]])
-  mask_box = np.asarray(image_ops.scale_box(jnp.asarray(crop_box), STRIDE))
-  valid = np.asarray(image_ops.box_mask(jnp.asarray(mask_box), (MASK_SIZE, MASK_SIZE)))
+  crop_box = CROP_BOXES
+  valid, inside = (np.zeros((BATCH, size, size), bool) for size in (MASK_SIZE, IMAGE_SIZE))
+  for b in range(BATCH):
+    (top, left, bottom, right), box = MASK_BOXES[b], crop_box[b]
+    valid[b, top:bottom, left:right] = True
+    inside[b, box[0]:box[2], box[1]:box[3]] = True
   seeds = np.where(valid, seeds, IGNORE).astype(np.int32)
-  inside = np.asarray(image_ops.box_mask(jnp.asarray(crop_box), (IMAGE_SIZE, IMAGE_SIZE)))
   images = np.asarray(image_ops.normalize(image_u8)) * inside[..., None]
   # Labels: the tags whose class made it into the seed, as the data + RecurSeed would give.
   labels = classes_in(seeds).astype(np.float32)
   return images.astype(np.float32), seeds, probs.astype(np.float32), labels, crop_box, valid
+
+
+@functools.lru_cache(maxsize=None)
+def one_hot_batch(seed=0):
+  """`random_batch`'s images and crop boxes with one-hot probabilities of two random rectangles
+  per image (so the edges are the pixels with a differently labelled 4-neighbour) and seeds
+  with 30% uncertain pixels and 8% random labels."""
+  images, _, _, _, crop_box, valid = random_batch()
+  rng = np.random.default_rng(seed)
+  truth = np.zeros((BATCH, MASK_SIZE, MASK_SIZE), np.int32)
+  for b in range(BATCH):
+    for _ in range(2):
+      height, width = rng.integers(3, 7, 2)
+      top, left = rng.integers(0, MASK_SIZE + 1 - height), rng.integers(0, MASK_SIZE + 1 - width)
+      truth[b, top:top + height, left:left + width] = rng.integers(1, NUM_CLASSES + 1)
+  probs = np.eye(NUM_CLASSES + 1, dtype=np.float32)[truth]
+  seeds = np.where(rng.random(truth.shape) < 0.3, IGNORE, truth)
+  flip = rng.random(truth.shape) < 0.08
+  seeds[flip] = rng.integers(0, NUM_CLASSES + 1, flip.sum())
+  seeds = np.where(valid, seeds, IGNORE).astype(np.int32)
+  return images, seeds, probs, classes_in(seeds).astype(np.float32), crop_box, valid
 
 
 def as_uint8(images):
@@ -222,152 +264,330 @@ def test_fill_regions_ring_of_edges():
 
 # ----------------------------------------------------------------------------- mixing
 
-MIX_SETTINGS = {
-    "epm": epm.MixSettings(kind="epm", drop_covered_classes=True),
+
+def epm_settings(mix_targets="completed", edge_band="pasted_edges", **kwargs):
+  return epm.MixSettings(kind="epm", mix_targets=mix_targets, edge_band=edge_band,
+                         drop_covered_classes=True, **kwargs)
+
+
+TARGETS_AND_BANDS = [("completed", "pasted_edges"), ("completed", "label_change"),
+                     ("seeds", "pasted_edges"), ("seeds", "label_change")]
+RANDOM_MASK_SETTINGS = {
+    "epm_half": epm_settings(class_subset="half"),
     "cutmix": epm.MixSettings(kind="cutmix", drop_covered_classes=True),
     "classmix": epm.MixSettings(kind="classmix"),
 }
+BATCH_SETTINGS = {"epm": epm_settings(), "cutmix": RANDOM_MASK_SETTINGS["cutmix"],
+                  "classmix": RANDOM_MASK_SETTINGS["classmix"]}
+PARTNERS = ([1, 2, 3, 0], [2, 1, 0, 3])  # a 4-cycle; 0 and 2 swapped, 1 and 3 with themselves
 
 
-def check_mix(inputs, out, settings):
-  """Every invariant of a mix, with the expected paste mask rebuilt from the references."""
-  images, seeds, probs, labels, crop_box, valid = inputs
-  out = {key: np.asarray(value) for key, value in out.items()}
-  partner, paste = out["partner"], out["paste_mask"]
-  assert sorted(partner) == list(range(len(partner)))
-  assert out["images"].shape == images.shape and out["seeds"].shape == seeds.shape
-  assert out["labels"].shape == labels.shape and out["labels"].dtype == labels.dtype
+def reference_completion(inputs, settings):
+  """EPM's edges (probability source) and completed seeds of every image, from the references."""
+  _, seeds, probs, _, _, valid = inputs
+  assert settings.edge_source == "probability" and settings.fill_regions
+  edges = reference_threshold_edges(reference_probability_edges(probs), settings.edge_low_th,
+                                    settings.edge_sigma)
+  return edges, reference_fill_regions(seeds, edges, NUM_CLASSES, valid)
 
-  # Images: x_j inside M (block-upsampled), x_i outside.
-  paste_pixels = np.kron(paste, np.ones((STRIDE, STRIDE), bool))[..., None]
-  np.testing.assert_array_equal(out["images"], np.where(paste_pixels, images[partner], images))
 
-  # Seeds: seed_j on M, seed_i elsewhere; only the EPM edge band turns to ignore.
-  edges = None
+def foreground(seed):
+  return (seed >= 1) & (seed <= NUM_CLASSES)
+
+
+def reference_mix(inputs, partner, settings, paste=None):
+  """The whole mix of row i with row j = partner[i], given the paste mask M of a random choice
+  (CutMix, ClassMix, a half of the classes); EPM with all classes pastes j's completed
+  foreground."""
+  images, seeds, _, labels, crop_box, _ = inputs
+  j = np.asarray(partner)
+  base, pasted, region = seeds, seeds[j], seeds[j]
   if settings.kind == "epm":
-    edges = reference_threshold_edges(reference_probability_edges(probs),
-                                      settings.edge_low_th, settings.edge_sigma)
-  source = np.where(paste, seeds[partner], seeds)
-  changed = out["seeds"] != source
-  assert np.all(out["seeds"][changed] == IGNORE)
-  assert np.all(out["seeds"][source == IGNORE] == IGNORE)  # ignore stays ignore
-  if edges is None:
-    assert not changed.any()
-  else:
-    np.testing.assert_array_equal(changed, edges[partner] & reference_boundary_band(paste)
-                                  & (seeds[partner] != seeds) & (source != IGNORE))
-
-  # Paste masks.
-  if settings.kind == "cutmix":
-    rows, cols = paste.any(axis=2), paste.any(axis=1)
-    np.testing.assert_array_equal(paste, rows[:, :, None] & cols[:, None, :])
-    for line in np.concatenate([rows, cols]):
-      assert np.all(np.diff(np.flatnonzero(line)) == 1)  # one contiguous span
-  else:
-    region_seeds = seeds
-    if edges is not None:
-      region_seeds = reference_fill_regions(seeds, edges, NUM_CLASSES, valid)
-    pasted, present = classes_in(region_seeds[partner], paste), classes_in(region_seeds[partner])
-    half = settings.kind == "classmix" or settings.class_subset == "half"
-    np.testing.assert_array_equal(
-        pasted.sum(1), (present.sum(1) + 1) // 2 if half else present.sum(1))
-    np.testing.assert_array_equal(paste, np.stack(
-        [np.isin(region_seeds[partner][b], np.flatnonzero(pasted[b]) + 1)
-         for b in range(len(partner))]))
-
-  # Tags: y_i (minus covered classes) plus the classes pasted from j, and nothing else.
+    assert settings.ignore_edge_band
+    edges, completed = reference_completion(inputs, settings)
+    region = completed[j]
+    if settings.mix_targets == "completed":
+      base, pasted = completed, completed[j]
+  if paste is None:
+    assert settings.kind == "epm" and settings.class_subset == "all"
+    paste = foreground(region)
+  mixed_seeds = np.where(paste, pasted, base)
+  if settings.kind == "epm":
+    if settings.edge_band == "pasted_edges":
+      band = edges[j] & reference_dilate(paste)
+    else:
+      band = edges[j] & reference_boundary_band(paste) & (pasted != base)
+    mixed_seeds[band] = IGNORE
   tags = labels > 0
   if settings.drop_covered_classes:
-    tags &= ~(classes_in(seeds) & ~classes_in(seeds, ~paste))
-  expected_labels = tags | classes_in(seeds[partner], paste)
-  np.testing.assert_array_equal(out["labels"], expected_labels.astype(labels.dtype))
-  assert np.all(out["labels"][classes_in(out["seeds"])] == 1)
-
-  expected_box = np.concatenate([np.minimum(crop_box[:, :2], crop_box[partner, :2]),
-                                 np.maximum(crop_box[:, 2:], crop_box[partner, 2:])], axis=1)
-  np.testing.assert_array_equal(out["crop_box"], expected_box)
-
-
-def run_mix_batch(rng, inputs, settings):
-  return jitted_mix_batch(rng, *(jnp.asarray(x) for x in inputs[:5]), settings=settings)
+    tags &= ~(classes_in(base) & ~classes_in(base, ~paste))
+  paste_pixels = np.kron(paste, np.ones((STRIDE, STRIDE), bool))[..., None]
+  box = np.concatenate([np.minimum(crop_box[:, :2], crop_box[j, :2]),
+                        np.maximum(crop_box[:, 2:], crop_box[j, 2:])], axis=1)
+  return {"images": np.where(paste_pixels, images[j], images), "seeds": mixed_seeds,
+          "labels": (tags | classes_in(region, paste)).astype(labels.dtype), "crop_box": box,
+          "paste_mask": paste, "partner": j}
 
 
-@pytest.mark.parametrize("kind", list(MIX_SETTINGS))
-def test_mix_batch_invariants(kind):
-  inputs = random_batch()
-  settings = MIX_SETTINGS[kind]
+def run_mix(partner, rng_seed, inputs, settings):
+  out = jitted_mix_with_partner(jnp.asarray(partner), jax.random.key(rng_seed),
+                                *(jnp.asarray(x) for x in inputs[:5]), settings=settings)
+  return {key: np.asarray(value) for key, value in out.items()}
+
+
+def assert_mix(out, expected):
+  assert out["labels"].dtype == expected["labels"].dtype
+  for key, value in expected.items():
+    np.testing.assert_array_equal(out[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("mix_targets, edge_band", TARGETS_AND_BANDS)
+def test_epm_matches_the_references(mix_targets, edge_band):
+  settings = epm_settings(mix_targets, edge_band)
+  for inputs in (one_hot_batch(), random_batch()):
+    for partner in PARTNERS:
+      assert_mix(run_mix(partner, 0, inputs, settings), reference_mix(inputs, partner, settings))
+  # The other knob values expect other targets for these inputs.
+  expected = reference_mix(one_hot_batch(), PARTNERS[0], settings)["seeds"]
+  for knobs in set(TARGETS_AND_BANDS) - {(mix_targets, edge_band)}:
+    other = reference_mix(one_hot_batch(), PARTNERS[0], epm_settings(*knobs))["seeds"]
+    assert not np.array_equal(expected, other), knobs
+
+
+@pytest.mark.parametrize("name", list(RANDOM_MASK_SETTINGS))
+def test_random_paste_masks_with_a_chosen_partner(name):
+  settings = RANDOM_MASK_SETTINGS[name]
+  inputs = one_hot_batch()
+  partner = np.array(PARTNERS[0])
+  region = inputs[1]
+  if settings.kind == "epm":
+    region = reference_completion(inputs, settings)[1]
+  masks = []
   for rng_seed in (0, 1):
-    out = run_mix_batch(jax.random.key(rng_seed), inputs, settings)
-    check_mix(inputs, out, settings)
-    assert np.asarray(out["paste_mask"]).any()
+    out = run_mix(partner, rng_seed, inputs, settings)
+    paste = out["paste_mask"]
+    if settings.kind == "cutmix":
+      rows, cols = paste.any(axis=2), paste.any(axis=1)
+      np.testing.assert_array_equal(paste, rows[:, :, None] & cols[:, None, :])
+      for line in np.concatenate([rows, cols]):
+        assert np.all(np.diff(np.flatnonzero(line)) == 1)  # one contiguous span
+    else:  # whole classes of j: a random ceil(n / 2) of its n classes
+      pasted, present = classes_in(region[partner], paste), classes_in(region[partner])
+      assert not (pasted & ~present).any()
+      np.testing.assert_array_equal(pasted.sum(1), (present.sum(1) + 1) // 2)
+      np.testing.assert_array_equal(paste, np.stack(
+          [np.isin(region[j], np.flatnonzero(pasted[b]) + 1) for b, j in enumerate(partner)]))
+    masks.append(paste)
+    assert_mix(out, reference_mix(inputs, partner, settings, paste))
+  assert all(mask.any() for mask in masks) and not np.array_equal(*masks)
 
 
-@pytest.mark.parametrize("kind", list(MIX_SETTINGS))
-def test_mixing_an_image_with_itself_changes_nothing(kind):
-  # A batch of copies of one image: whatever the partners are, each image is mixed with itself.
-  one = [x[3:4] for x in random_batch()]
-  copies = [np.repeat(x, BATCH, axis=0) for x in one]
-  out = run_mix_batch(jax.random.key(5), copies, MIX_SETTINGS[kind])
-  for key, index in (("images", 0), ("seeds", 1), ("labels", 3), ("crop_box", 4)):
-    np.testing.assert_array_equal(np.asarray(out[key]), copies[index], err_msg=key)
+@pytest.mark.parametrize("kind", list(BATCH_SETTINGS))
+def test_mix_batch_draws_a_partner_permutation(kind):
+  settings = BATCH_SETTINGS[kind]
+  inputs = one_hot_batch()
+  images, seeds = inputs[:2]
+  own = reference_completion(inputs, settings)[1] if kind == "epm" else seeds
+  partners = set()
+  for rng_seed in range(3):
+    out = jitted_mix_batch(jax.random.key(rng_seed), *(jnp.asarray(x) for x in inputs[:5]),
+                           settings=settings)
+    out = {key: np.asarray(value) for key, value in out.items()}
+    assert sorted(out["partner"]) == list(range(BATCH))
+    partners.add(tuple(out["partner"]))
+    paste = out["paste_mask"]
+    # Outside M each image keeps its pixels and targets (EPM: completed or ignore); inside M the
+    # pixels (EPM: the completed foreground) come from one image of the batch.
+    pixels = np.kron(paste, np.ones((STRIDE, STRIDE), bool))
+    np.testing.assert_array_equal(out["images"][~pixels], images[~pixels])
+    kept = out["seeds"][~paste]
+    assert np.all((kept == own[~paste]) | ((kind == "epm") & (kept == IGNORE)))
+    for i in range(BATCH):
+      assert any(np.array_equal(out["images"][i][pixels[i]], images[k][pixels[i]])
+                 for k in range(BATCH))
+      if kind == "epm":
+        assert any(np.array_equal(paste[i], foreground(own[k])) for k in range(BATCH))
+  assert len(partners) > 1
 
 
-def test_epm_hand_made_pair_with_covered_class():
-  """Image 0: a 2x2 class-1 object; image 1: a 4x4 class-2 object over it; swapped partners."""
+@pytest.mark.parametrize("name", ["epm_seeds_label_change", "cutmix", "classmix"])
+def test_mixing_an_image_with_itself_changes_nothing(name):
+  settings = (epm_settings("seeds", "label_change") if name.startswith("epm")
+              else RANDOM_MASK_SETTINGS[name])
+  for inputs in (one_hot_batch(), random_batch()):
+    out = run_mix(np.arange(BATCH), 0, inputs, settings)
+    for key, index in (("images", 0), ("seeds", 1), ("labels", 3), ("crop_box", 4)):
+      np.testing.assert_array_equal(out[key], inputs[index], err_msg=key)
+
+
+def test_epm_mixing_an_image_with_itself_completes_its_seeds():
+  """Defaults: the targets become the completed seeds, ignored on the edges in or next to M."""
+  settings = epm_settings()
+  for inputs in (one_hot_batch(), random_batch()):
+    out = run_mix(np.arange(BATCH), 0, inputs, settings)
+    for key, index in (("images", 0), ("labels", 3), ("crop_box", 4)):
+      np.testing.assert_array_equal(out[key], inputs[index], err_msg=key)
+    edges, completed = reference_completion(inputs, settings)
+    expected = np.where(edges & reference_dilate(foreground(completed)), IGNORE, completed)
+    np.testing.assert_array_equal(out["seeds"], expected)
+    assert not np.array_equal(expected, inputs[1])
+
+
+# ----------------------------------------------------------------------------- hand-made mixes
+
+
+def mix_hand_made_pair(seeds, truth, settings, labels, crop_box=((0, 0, 32, 32),) * 2):
+  """Mixes images 0 and 1 into each other; probabilities one-hot of `truth`, image i = i - 0.5.
+
+  Two more images, mixed with themselves, give the batch size of the other tests, whose
+  compiled mixes are reused; only the pair is returned.
+  """
+  probs = np.eye(NUM_CLASSES + 1, dtype=np.float32)[truth]
+  images = np.stack([np.full((32, 32, 3), -0.5), np.full((32, 32, 3), 0.5)]).astype(np.float32)
+  inputs = (images, seeds.astype(np.int32), probs, np.asarray(labels, np.float32),
+            np.asarray(crop_box, np.int32))
+  out = run_mix([1, 0, 2, 3], 0, [np.concatenate([x, x]) for x in inputs], settings)
+  return {key: value[:2] for key, value in out.items()}
+
+
+def two_objects():
+  """Image 0: class 0 in rows / cols 5..7, seed uncertain at (7, 7); image 1: class 1 in rows /
+  cols 1..4, seed uncertain at (2, 2) and class 2 at (3, 3).
+
+  The edges (a differently labelled 4-neighbour) are each object's outer ring and the background
+  4-neighbours of the ring. Image 0's edge-bounded interior (6..7, 6..7) completes (7, 7) to
+  class 0; image 1's (2..3, 2..3) completes (2, 2) to class 1 (two votes against one). Background
+  on edges becomes ignore: rows / cols 0 and 5 of image 1 next to its object, row / col 4 of
+  image 0 next to its object. M of image 0 is all of image 1's object and vice versa.
+  """
+  truth = np.zeros((2, 8, 8), np.int32)
+  truth[0, 5:, 5:] = 1
+  truth[1, 1:5, 1:5] = 2
+  seeds = truth.copy()
+  seeds[0, 7, 7] = seeds[1, 2, 2] = IGNORE
+  seeds[1, 3, 3] = 3
+  return seeds, truth
+
+
+TWO_OBJECTS_EXPECTED = {
+    # Completed targets; all edges of the partner lie in or next to M and are ignored.
+    ("completed", "pasted_edges"): [
+        label_grid("0xxxx000", "xxxxxx00", "xx22xx00", "xx23xx00",
+                   "xxxxxxxx", "0xxxx111", "0000x111", "0000x111"),
+        label_grid("0xxxx000", "x2222x00", "x2222x00", "x2232x00",
+                   "x2222xxx", "0xxxxxxx", "0000xx11", "0000xx11")],
+    # Raw seeds (filled pixels stay uncertain, background on the own edges stays background).
+    ("seeds", "pasted_edges"): [
+        label_grid("0xxxx000", "xxxxxx00", "xxx2xx00", "xx23xx00",
+                   "xxxxxx00", "0xxxx111", "00000111", "0000011x"),
+        label_grid("00000000", "02222000", "02x22000", "02232000",
+                   "02222xxx", "0000xxxx", "0000xx11", "0000xx1x")],
+    # Old rule: only the partner's edges across M's boundary whose labels differ (the rings).
+    ("seeds", "label_change"): [
+        label_grid("00000000", "0xxxx000", "0xx2x000", "0x23x000",
+                   "0xxxx000", "00000111", "00000111", "0000011x"),
+        label_grid("00000000", "02222000", "02x22000", "02232000",
+                   "02222000", "00000xxx", "00000x11", "00000x1x")],
+}
+
+
+@pytest.mark.parametrize("mix_targets, edge_band", list(TWO_OBJECTS_EXPECTED))
+def test_epm_hand_made_completion(mix_targets, edge_band):
+  """Completed labels of filled pixels and ignored background on edges reach the targets."""
+  seeds, truth = two_objects()
+  out = mix_hand_made_pair(seeds, truth, epm_settings(mix_targets, edge_band),
+                           labels=[[1, 0, 0, 0], [0, 1, 1, 0]])
+  expected_seeds = np.stack(TWO_OBJECTS_EXPECTED[mix_targets, edge_band])
+  np.testing.assert_array_equal(out["seeds"], expected_seeds)
+  if mix_targets == "completed":
+    assert expected_seeds[0, 2, 2] == 2 and expected_seeds[1, 7, 7] == 1  # filled in the partner
+    assert expected_seeds[0, 7, 7] == 1 and expected_seeds[1, 2, 2] == 2  # filled in the target
+    assert expected_seeds[0, 4, 7] == IGNORE and seeds[0, 4, 7] == 0  # background on an edge
+  expected_paste = np.zeros((2, 8, 8), bool)
+  expected_paste[0, 1:5, 1:5] = expected_paste[1, 5:, 5:] = True
+  np.testing.assert_array_equal(out["paste_mask"], expected_paste)
+  np.testing.assert_array_equal(out["labels"], [[1, 1, 1, 0], [1, 1, 1, 0]])
+  expected_images = np.stack([np.full((32, 32, 3), -0.5), np.full((32, 32, 3), 0.5)])
+  expected_images[0, 4:20, 4:20] = 0.5
+  expected_images[1, 20:, 20:] = -0.5
+  np.testing.assert_array_equal(out["images"], expected_images.astype(np.float32))
+
+
+COVERED_CLASS_EXPECTED = {
+    # Image 0 gets the 4x4 object: its ring and the background 4-neighbours of the ring are edges;
+    # image 1 gets the 2x2 object: all of it and its 4-neighbours are edges of image 0, its own
+    # background next to the 4x4 object is on an edge; the diagonal corners are no edges.
+    ("completed", "pasted_edges"): [
+        label_grid("00000000", "00xxxx00", "0xxxxxx0", "0xx22xx0",
+                   "0xx22xx0", "0xxxxxx0", "00xxxx00", "00000000"),
+        label_grid("00000000", "00xxxx00", "0x2xx2x0", "0xxxxxx0",
+                   "0xxxxxx0", "0x2xx2x0", "00xxxx00", "00000000")],
+    # Old rule: image 0's ring differs from the background below; image 1's labels differ from the
+    # 2x2 object and its 4-neighbours.
+    ("seeds", "label_change"): [
+        label_grid("00000000", "00000000", "00xxxx00", "00x22x00",
+                   "00x22x00", "00xxxx00", "00000000", "00000000"),
+        label_grid("00000000", "00000000", "002xx200", "00xxxx00",
+                   "00xxxx00", "002xx200", "00000000", "00000000")],
+}
+
+
+@pytest.mark.parametrize("mix_targets, edge_band", list(COVERED_CLASS_EXPECTED))
+def test_epm_hand_made_pair_with_covered_class(mix_targets, edge_band):
+  """Image 0: a 2x2 class-0 object; image 1: a 4x4 class-1 object over it; swapped partners."""
   seeds = np.zeros((2, 8, 8), np.int32)
   seeds[0, 3:5, 3:5] = 1
   seeds[1, 2:6, 2:6] = 2
-  probs = np.eye(NUM_CLASSES + 1, dtype=np.float32)[seeds]
-  images = np.stack([np.full((32, 32, 3), -1.0), np.full((32, 32, 3), 1.0)]).astype(np.float32)
-  labels = np.array([[1, 0, 0, 0], [0, 1, 0, 0]], np.float32)
-  crop_box = np.array([[0, 0, 32, 32], [0, 0, 30, 32]], np.int32)
-  out = jitted_mix_with_partner(jnp.array([1, 0]), jax.random.key(0), jnp.asarray(images),
-                                jnp.asarray(seeds), jnp.asarray(probs), jnp.asarray(labels),
-                                jnp.asarray(crop_box), settings=MIX_SETTINGS["epm"])
-  expected_seeds = np.zeros((2, 8, 8), np.int32)
-  # Image 0 gets the 4x4 object: its inner edge ring differs from what lies below -> ignore.
-  expected_seeds[0, 2:6, 2:6] = IGNORE
-  expected_seeds[0, 3:5, 3:5] = 2
-  # Image 1 gets the 2x2 object: all of it and its 4-neighbours are edges of image 0 in the band
-  # and differ from image 1's labels; the band's diagonal corners are no edges and keep class 2.
-  expected_seeds[1] = seeds[1]
-  expected_seeds[1, 2:6, 3:5] = IGNORE
-  expected_seeds[1, 3:5, 2:6] = IGNORE
-  np.testing.assert_array_equal(np.asarray(out["seeds"]), expected_seeds)
-  # Class 1 of image 0 is entirely covered (dropped); the pasted 2x2 object adds class 1 to image
+  out = mix_hand_made_pair(seeds, seeds, epm_settings(mix_targets, edge_band),
+                           labels=[[1, 0, 0, 0], [0, 1, 0, 0]],
+                           crop_box=[[0, 0, 32, 32], [0, 0, 30, 32]])
+  np.testing.assert_array_equal(out["seeds"], np.stack(COVERED_CLASS_EXPECTED[mix_targets,
+                                                                               edge_band]))
+  # Class 0 of image 0 is entirely covered (dropped); the pasted 2x2 object adds class 0 to image
   # 1 although the band hides its pixels in the seed.
-  np.testing.assert_array_equal(np.asarray(out["labels"]), [[0, 1, 0, 0], [1, 1, 0, 0]])
-  expected_images = images.copy()
-  expected_images[0, 8:24, 8:24] = 1.0
-  expected_images[1, 12:20, 12:20] = -1.0
-  np.testing.assert_array_equal(np.asarray(out["images"]), expected_images)
-  np.testing.assert_array_equal(np.asarray(out["crop_box"]), [[0, 0, 32, 32]] * 2)
+  np.testing.assert_array_equal(out["labels"], [[0, 1, 0, 0], [1, 1, 0, 0]])
+  expected_images = np.stack([np.full((32, 32, 3), -0.5), np.full((32, 32, 3), 0.5)])
+  expected_images[0, 8:24, 8:24] = 0.5
+  expected_images[1, 12:20, 12:20] = -0.5
+  np.testing.assert_array_equal(out["images"], expected_images.astype(np.float32))
+  np.testing.assert_array_equal(out["crop_box"], [[0, 0, 32, 32]] * 2)
 
 
-def test_edge_band_stops_at_the_image_border():
-  """Image 1 pastes a band of rows 0..2 (class 2 left, class 3 right) into an empty image 0."""
+BORDER_EXPECTED = {
+    # The class 1 / 2 edge inside M reaches the image border: ignored with the rest of M's edges.
+    # Image 0 pastes nothing; image 1's background on its edges (row 3) becomes ignore.
+    ("completed", "pasted_edges"): [
+        label_grid("222xx333", "222xx333", "xxxxxxxx", "xxxxxxxx",
+                   "00000000", "00000000", "00000000", "00000000"),
+        label_grid("22223333", "22223333", "22223333", "xxxxxxxx",
+                   "00000000", "00000000", "00000000", "00000000")],
+    # Old rule: the class 1 / 2 edge is inside M, not next to its boundary (the image border is
+    # none); only M's last row is ignored, row 3 is background in both images.
+    ("seeds", "label_change"): [
+        label_grid("22223333", "22223333", "xxxxxxxx", "00000000",
+                   "00000000", "00000000", "00000000", "00000000"),
+        label_grid("22223333", "22223333", "22223333", "00000000",
+                   "00000000", "00000000", "00000000", "00000000")],
+}
+
+
+@pytest.mark.parametrize("mix_targets, edge_band", list(BORDER_EXPECTED))
+def test_edge_band_at_the_image_border(mix_targets, edge_band):
+  """Image 1 pastes a band of rows 0..2 (class 1 left, class 2 right) into an empty image 0."""
   seeds = np.zeros((2, 8, 8), np.int32)
   seeds[1, :3, :4], seeds[1, :3, 4:] = 2, 3
-  probs = np.eye(NUM_CLASSES + 1, dtype=np.float32)[seeds]
-  images = np.zeros((2, 32, 32, 3), np.float32)
-  labels = np.array([[0, 0, 0, 0], [0, 1, 1, 0]], np.float32)
-  crop_box = np.array([[0, 0, 32, 32]] * 2, np.int32)
-  out = jitted_mix_with_partner(jnp.array([1, 0]), jax.random.key(0), jnp.asarray(images),
-                                jnp.asarray(seeds), jnp.asarray(probs), jnp.asarray(labels),
-                                jnp.asarray(crop_box), settings=MIX_SETTINGS["epm"])
-  # The class 2 / 3 edge at the image border is inside M, not next to its boundary: it stays.
-  expected_seeds = seeds[::-1].copy()
-  expected_seeds[0, 2] = IGNORE  # M's last row: edges next to the boundary, labels differ
-  expected_seeds[1] = seeds[1]  # image 0 pastes nothing
-  np.testing.assert_array_equal(np.asarray(out["seeds"]), expected_seeds)
-  np.testing.assert_array_equal(np.asarray(out["labels"]), [[0, 1, 1, 0], [0, 1, 1, 0]])
+  out = mix_hand_made_pair(seeds, seeds, epm_settings(mix_targets, edge_band),
+                           labels=[[0, 0, 0, 0], [0, 1, 1, 0]])
+  np.testing.assert_array_equal(out["seeds"], np.stack(BORDER_EXPECTED[mix_targets, edge_band]))
+  np.testing.assert_array_equal(out["paste_mask"][0], np.arange(8)[:, None] < np.full((8, 8), 3))
+  assert not out["paste_mask"][1].any()
+  np.testing.assert_array_equal(out["labels"], [[0, 1, 1, 0], [0, 1, 1, 0]])
 
 
 def test_bad_settings_and_shapes_are_reported():
-  with pytest.raises(ValueError, match="kind"):
-    epm.MixSettings(kind="mixup")
-  with pytest.raises(ValueError, match="edge_source"):
-    epm.MixSettings(edge_source="sobel")
+  for name in ("kind", "edge_source", "class_subset", "mix_targets", "edge_band"):
+    with pytest.raises(ValueError, match=name):
+      epm.MixSettings(**{name: "sobel"})
   images, seeds, probs, labels, crop_box = (jnp.asarray(x) for x in random_batch()[:5])
   with pytest.raises(ValueError, match="labels"):
     epm.mix_with_partner(jnp.arange(BATCH), jax.random.key(0), images, seeds, probs,
