@@ -1,26 +1,37 @@
-r"""Seed-quality ablation on the training split, like the paper's tables.
+r"""Seed-quality ablation on the training split, like the paper's tables, over several seeds.
 
-  python -m rsepm_jax.ablate --config=configs/demo.py --workdir=/tmp/rsepm_ablation
+  python -m rsepm_jax.ablate --config=configs/demo.py:ablation --workdir=/tmp/rsepm_ablation \
+      --seeds=0,1,2
 
-One training run with `config.mix.kind = "none"` gives the recursion rows; its checkpoint at
-the end of the CAM-only warm-up (`loss.rs_start_epoch`) gives the rows without recursion.
-Each mixing kind then continues a copy of that run from its `loss.mix_start_epoch` checkpoint,
-so every row shares the same warm-up and RecurSeed prefix:
+Every row is scored after the same number of training steps (the whole schedule). Per seed,
+runs share their common prefix: a run that differs from another only from epoch E on continues
+a copy of that run's checkpoint at E (R = loss.rs_start_epoch, D = the decoder-source epoch,
+M = loss.mix_start_epoch):
 
-  CAM            normalised CAM of the warm-up model
-  CAM+SCG        + SCG expansion (spec 2)
-  CAM+PAMR       + PAMR refinement at stride 4 (spec 3)
-  CAM+SCG+PAMR   both, one round, no recursion
-  RS             the decoder seeds of the model trained with RecurSeed (spec 8.1 step 3)
-  RS+CutMix, RS+ClassMix, RS+EPM   the same, trained with that mixing from mix_start_epoch
+  run          continues        rows
+  cam          (from scratch)   CAM, CAM+SCG, CAM+PAMR, CAM+SCG+PAMR: classification loss only,
+                                for all epochs; SCG / PAMR applied to its final CAM
+  rs_cam       cam at R         RS (CAM source): RecurSeed with the CAM as source throughout
+  rs_decoder   rs_cam at D      RS (decoder source): the decoder becomes the source at D
+  rs_<mix>     base at M        RS+CutMix, RS+ClassMix, RS+EPM: the config's recipe plus mixing
+  variants     (as their row)   the config's recipe with one reconstruction knob flipped
+
+"base" is rs_decoder when the config's `loss.decoder_source_epoch` lies inside the schedule,
+else rs_cam. D is that epoch, or R when the config never switches. The variants (`--variants`)
+flip `recurseed.filter_input`, `recurseed.decoder_source_dropout`, `train.bn_stats`,
+`mix.mix_targets` and `mix.edge_band`; their rows are named "<row> [key=value]".
 
 Every row gives per-class maps in [0, 1] for the image's tags; the background threshold is
-swept as for CAMs (spec 8.2) and the best mIoU is reported with its FP and FN. The table is
-printed and written to `workdir/ablation.json` as `{row: {"miou", "fp", "fn", "threshold"}}`.
-Re-running the command resumes any unfinished training run.
+swept as for CAMs (spec 8.2) and the best mIoU is reported with its FP and FN. The table (mean
+and sample standard deviation over the seeds) is printed and written to
+`workdir/ablation.json` as `{row: {"miou", "miou_std", "fp", "fp_std", "fn", "fn_std", "steps",
+"seeds": {seed: {"miou", "fp", "fn", "threshold"}}}}`. Re-running the command resumes any
+unfinished run and skips finished ones.
 """
 import dataclasses
+import functools
 import json
+from typing import Any, Dict, Optional
 
 from absl import app
 from absl import flags
@@ -45,6 +56,11 @@ from rsepm_jax.refine import recurseed
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the runs and ablation.json.")
 _MIXES = flags.DEFINE_list("mixes", ["cutmix", "classmix", "epm"], "Mixing kinds to compare.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (config.seed) to run.")
+_VARIANTS = flags.DEFINE_list(
+    "variants", ["filter_input", "decoder_source_dropout", "bn_stats", "mix_targets"],
+    "Reconstruction knobs to flip, one run each: filter_input, decoder_source_dropout, bn_stats, "
+    "mix_targets, edge_band (empty: none).")
 
 CAM_ROWS = ("CAM", "CAM+SCG", "CAM+PAMR", "CAM+SCG+PAMR")
 MIX_ROW_NAMES = {"cutmix": "RS+CutMix", "classmix": "RS+ClassMix", "epm": "RS+EPM"}
@@ -119,11 +135,84 @@ def score_rows(config, workdir, step, rows):
   return results
 
 
-def ablation_config(config, mix_kind):
-  """`config` with `mix.kind` set and a checkpoint kept at every epoch boundary."""
+VARIANTS = {  # --variants name -> (config key, its two values)
+    "filter_input": ("recurseed.filter_input", ("source", "refined")),
+    "decoder_source_dropout": ("recurseed.decoder_source_dropout", (False, True)),
+    "bn_stats": ("train.bn_stats", ("both", "clean")),
+    "mix_targets": ("mix.mix_targets", ("completed", "seeds")),
+    "edge_band": ("mix.edge_band", ("pasted_edges", "label_change")),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One training run of the ablation: `overrides` on the config, continuing `parent`."""
+  name: str  # folder under the seed's workdir
+  parent: Optional[str]  # run whose checkpoint at `fork_epoch` this run continues; None: scratch
+  fork_epoch: int
+  overrides: Dict[str, Any]  # dotted config key -> value
+  rows: Dict[str, str]  # table row -> what `row_scores` computes ("RS" or a CAM row)
+
+
+def _get(config, key):
+  return functools.reduce(getattr, key.split("."), config)
+
+
+def _with_overrides(config, overrides):
   config = config.copy_and_resolve_references()
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    setattr(functools.reduce(getattr, parents, config), leaf, value)
+  return config
+
+
+def plan_runs(config, mix_kinds=("cutmix", "classmix", "epm"), variants=()):
+  """The runs of one seed, parents first (see the module docstring)."""
+  unknown = [kind for kind in mix_kinds if kind not in MIX_ROW_NAMES]
+  if unknown:
+    raise ValueError(f"Unknown mixing kinds {unknown}; expected some of {sorted(MIX_ROW_NAMES)}.")
+  unknown = [name for name in variants if name not in VARIANTS]
+  if unknown:
+    raise ValueError(f"Unknown variants {unknown}; expected some of {sorted(VARIANTS)}.")
+  epochs, rs_start = config.train.num_epochs, config.loss.rs_start_epoch
+  mix_start = config.loss.mix_start_epoch
+  if not 0 < rs_start <= mix_start < epochs:
+    raise ValueError(
+        "The ablation needs 0 < loss.rs_start_epoch <= loss.mix_start_epoch < train.num_epochs; "
+        f"got {rs_start}, {mix_start}, {epochs}.")
+  uses_decoder = rs_start <= config.loss.decoder_source_epoch < epochs
+  decoder_epoch = config.loss.decoder_source_epoch if uses_decoder else rs_start
+  no_mix = {"mix.kind": "none"}
+  rs_cam = {**no_mix, "loss.decoder_source_epoch": epochs}
+  rs_decoder = {**no_mix, "loss.decoder_source_epoch": decoder_epoch}
+  base, base_row, base_overrides = (("rs_decoder", "RS (decoder source)", rs_decoder) if uses_decoder
+                                    else ("rs_cam", "RS (CAM source)", rs_cam))
+  runs = [
+      Run("cam", None, 0, {**no_mix, "loss.rs_start_epoch": epochs}, {r: r for r in CAM_ROWS}),
+      Run("rs_cam", "cam", rs_start, rs_cam, {"RS (CAM source)": "RS"}),
+      Run("rs_decoder", "rs_cam", decoder_epoch, rs_decoder, {"RS (decoder source)": "RS"}),
+  ]
+  mix_overrides = {kind: {**base_overrides, "mix.kind": kind} for kind in MIX_ROW_NAMES}
+  for kind in mix_kinds:
+    runs.append(Run(f"rs_{kind}", base, mix_start, mix_overrides[kind], {MIX_ROW_NAMES[kind]: "RS"}))
+  for name in variants:
+    key, values = VARIANTS[name]
+    flipped = values[1] if _get(config, key) == values[0] else values[0]
+    if key.startswith("mix.") or key == "train.bn_stats":
+      parent, fork, row, overrides = base, mix_start, "RS+EPM", mix_overrides["epm"]
+    elif key == "recurseed.decoder_source_dropout":
+      parent, fork, row, overrides = "rs_cam", decoder_epoch, "RS (decoder source)", rs_decoder
+    else:
+      parent, fork, row, overrides = "cam", rs_start, base_row, base_overrides
+    runs.append(Run(f"variant_{name}", parent, fork, {**overrides, key: flipped},
+                    {f"{row} [{key}={flipped}]": "RS"}))
+  return runs
+
+
+def ablation_config(config, overrides):
+  """`config` with `overrides` and a checkpoint kept at every epoch boundary."""
+  config = _with_overrides(config, overrides)
   steps_per_epoch, _ = train.schedule_lengths(config)
-  config.mix.kind = mix_kind
   config.train.checkpoint_every = steps_per_epoch
   config.train.max_checkpoints = config.train.num_epochs + 1
   return config
@@ -136,7 +225,7 @@ def fork_run(source_workdir, step, workdir):
     return
   source = epath.Path(source_workdir) / "checkpoints" / str(step)
   if not source.exists():
-    raise FileNotFoundError(f"Checkpoint {source} to continue the mixing runs from is missing.")
+    raise FileNotFoundError(f"Checkpoint {source} to continue the run {workdir} from is missing.")
   if jax.process_index() == 0:
     _copy_tree(source, target / str(step))
   if jax.process_count() > 1:
@@ -152,45 +241,65 @@ def _copy_tree(source, target):
       child.copy(target / child.name)
 
 
-def format_ablation(results):
-  lines = ["| seeds (train split) | mIoU | FP | FN | bg threshold |", "|---|---:|---:|---:|---:|"]
-  for row, scores in results.items():
-    lines.append(f"| {row} | {100 * scores['miou']:.1f} | {scores['fp']:.3f} | {scores['fn']:.3f} "
-                 f"| {scores['threshold']:.2f} |")
+def run_seed(config, workdir, runs):
+  """Trains (or resumes) every run of one seed; returns ({row: scores}, final step)."""
+  root = epath.Path(workdir)
+  results, total_steps = {}, None
+  for run in runs:
+    run_config = ablation_config(config, run.overrides)
+    steps_per_epoch, total_steps = train.schedule_lengths(run_config)
+    run_dir = str(root / run.name)
+    if run.parent is not None:
+      fork_run(str(root / run.parent), run.fork_epoch * steps_per_epoch, run_dir)
+    logging.info("Ablation run %s (seed %d): %s", run.name, config.seed, run.overrides)
+    train.train_and_evaluate(run_config, run_dir)
+    scores = score_rows(run_config, run_dir, None, tuple(run.rows.values()))
+    results.update({row: scores[kind] for row, kind in run.rows.items()})
+  return results, total_steps
+
+
+def summarize(per_seed, steps):
+  """{row: mean and sample std over seeds, steps, per-seed scores} in row order."""
+  summary = {}
+  for row in next(iter(per_seed.values())):
+    values = {seed: scores[row] for seed, scores in per_seed.items()}
+    entry = {}
+    for metric in ("miou", "fp", "fn"):
+      column = np.array([v[metric] for v in values.values()])
+      entry[metric] = float(column.mean())
+      entry[f"{metric}_std"] = float(column.std(ddof=1)) if len(column) > 1 else 0.0
+    summary[row] = {**entry, "steps": steps, "seeds": {str(k): v for k, v in values.items()}}
+  return summary
+
+
+def format_ablation(summary):
+  seeds = list(next(iter(summary.values()))["seeds"]) if summary else []
+  lines = ["| seeds (train split) | mIoU mean +- std | FP | FN | " +
+           " | ".join(f"seed {s}" for s in seeds) + " |",
+           "|---|---:|---:|---:|" + "---:|" * len(seeds)]
+  for row, entry in summary.items():
+    per_seed = " | ".join(f"{100 * entry['seeds'][s]['miou']:.1f}" for s in seeds)
+    lines.append(f"| {row} | {100 * entry['miou']:.1f} +- {100 * entry['miou_std']:.1f} "
+                 f"| {entry['fp']:.3f} | {entry['fn']:.3f} | {per_seed} |")
   return "\n".join(lines)
 
 
-def run_ablation(config, workdir, mix_kinds=("cutmix", "classmix", "epm")):
-  """Trains the runs (resuming any unfinished one), scores every row, writes ablation.json."""
-  unknown = [kind for kind in mix_kinds if kind not in MIX_ROW_NAMES]
-  if unknown:
-    raise ValueError(f"Unknown mixing kinds {unknown}; expected some of {sorted(MIX_ROW_NAMES)}.")
+def run_ablation(config, workdir, mix_kinds=("cutmix", "classmix", "epm"), seeds=(0,),
+                 variants=()):
+  """Trains every run of every seed (resuming), scores the rows, writes ablation.json."""
+  runs = plan_runs(config, mix_kinds, variants)
   root = epath.Path(workdir)
-  rs_config = ablation_config(config, "none")
-  steps_per_epoch, _ = train.schedule_lengths(rs_config)
-  warmup_end = rs_config.loss.rs_start_epoch * steps_per_epoch
-  mix_start = max(rs_config.loss.mix_start_epoch, rs_config.loss.rs_start_epoch) * steps_per_epoch
-  if not 0 < warmup_end <= mix_start < steps_per_epoch * rs_config.train.num_epochs:
-    raise ValueError(
-        "The ablation needs 0 < loss.rs_start_epoch <= loss.mix_start_epoch < train.num_epochs; "
-        f"got {rs_config.loss.rs_start_epoch}, {rs_config.loss.mix_start_epoch}, "
-        f"{rs_config.train.num_epochs}.")
-
-  rs_dir = str(root / "rs")
-  train.train_and_evaluate(rs_config, rs_dir)
-  results = score_rows(rs_config, rs_dir, warmup_end, CAM_ROWS)
-  results.update(score_rows(rs_config, rs_dir, None, ("RS",)))
-  for kind in mix_kinds:
-    mix_config = ablation_config(config, kind)
-    mix_dir = str(root / f"rs_{kind}")
-    fork_run(rs_dir, mix_start, mix_dir)
-    train.train_and_evaluate(mix_config, mix_dir)
-    results[MIX_ROW_NAMES[kind]] = score_rows(mix_config, mix_dir, None, ("RS",))["RS"]
-
+  per_seed, steps = {}, None
+  for seed in seeds:
+    seed_config = config.copy_and_resolve_references()
+    seed_config.seed = seed
+    per_seed[seed], steps = run_seed(seed_config, str(root / f"seed_{seed}"), runs)
+  summary = summarize(per_seed, steps)
   if jax.process_index() == 0:
-    (root / "ablation.json").write_text(json.dumps(results, indent=2))
-  logging.info("Seed ablation on %s:\n%s", config.data.train_split, format_ablation(results))
-  return results
+    (root / "ablation.json").write_text(json.dumps(summary, indent=2))
+  logging.info("Seed ablation on %s, %d steps per row, seeds %s:\n%s", config.data.train_split,
+               steps, list(seeds), format_ablation(summary))
+  return summary
 
 
 def main(argv):
@@ -199,7 +308,12 @@ def main(argv):
     raise app.UsageError("--workdir is required.")
   checkpoint.quiet_library_logs()
   parallel.maybe_initialize_distributed()
-  run_ablation(_CONFIG.value, _WORKDIR.value, tuple(_MIXES.value))
+  # Runs of different seeds compile the same programs: keep them on disk.
+  jax.config.update("jax_compilation_cache_dir",
+                    str(epath.Path(_WORKDIR.value) / "xla_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+  run_ablation(_CONFIG.value, _WORKDIR.value, tuple(_MIXES.value),
+               tuple(int(seed) for seed in _SEEDS.value), tuple(_VARIANTS.value))
 
 
 if __name__ == "__main__":

@@ -39,18 +39,69 @@ def test_unknown_row_is_an_error():
                       jnp.zeros((1, 8, 8, 3)), jnp.ones((1, 1)), recurseed.Settings())
 
 
+def test_plan_runs_share_prefixes_and_flip_one_knob_per_variant():
+  config = demo.get_config()
+  config.train.num_epochs, config.loss.rs_start_epoch = 6, 2
+  config.loss.decoder_source_epoch, config.loss.mix_start_epoch = 3, 4
+  runs = {run.name: run for run in ablate.plan_runs(
+      config, ("epm",), ("filter_input", "decoder_source_dropout", "bn_stats"))}
+  assert list(runs) == ["cam", "rs_cam", "rs_decoder", "rs_epm", "variant_filter_input",
+                        "variant_decoder_source_dropout", "variant_bn_stats"]
+  # (parent, fork epoch) of every run: each continues the run it equals up to that epoch.
+  assert {name: (run.parent, run.fork_epoch) for name, run in runs.items()} == {
+      "cam": (None, 0), "rs_cam": ("cam", 2), "rs_decoder": ("rs_cam", 3),
+      "rs_epm": ("rs_decoder", 4), "variant_filter_input": ("cam", 2),
+      "variant_decoder_source_dropout": ("rs_cam", 3), "variant_bn_stats": ("rs_decoder", 4)}
+  assert runs["cam"].overrides == {"mix.kind": "none", "loss.rs_start_epoch": 6}
+  assert runs["rs_cam"].overrides["loss.decoder_source_epoch"] == 6  # never switches
+  assert runs["rs_epm"].overrides == {"mix.kind": "epm", "loss.decoder_source_epoch": 3}
+  assert runs["variant_filter_input"].overrides == {
+      "mix.kind": "none", "loss.decoder_source_epoch": 3, "recurseed.filter_input": "refined"}
+  assert runs["variant_bn_stats"].rows == {"RS+EPM [train.bn_stats=clean]": "RS"}
+  assert runs["variant_decoder_source_dropout"].rows == {
+      "RS (decoder source) [recurseed.decoder_source_dropout=True]": "RS"}
+  # A config that never switches to the decoder: the recipe is the CAM-source run.
+  config.loss.decoder_source_epoch = 6
+  runs = {run.name: run for run in ablate.plan_runs(config, ("cutmix",), ())}
+  assert (runs["rs_cutmix"].parent, runs["rs_decoder"].fork_epoch) == ("rs_cam", 2)
+  with pytest.raises(ValueError, match="Unknown variants"):
+    ablate.plan_runs(config, (), ("dropout",))
+  with pytest.raises(ValueError, match="Unknown mixing kinds"):
+    ablate.plan_runs(config, ("mixup",), ())
+
+
+def test_summary_mean_and_sample_std():
+  per_seed = {0: {"RS": {"miou": 0.4, "fp": 0.2, "fn": 0.4, "threshold": 0.3}},
+              1: {"RS": {"miou": 0.6, "fp": 0.1, "fn": 0.3, "threshold": 0.2}},
+              2: {"RS": {"miou": 0.5, "fp": 0.3, "fn": 0.2, "threshold": 0.3}}}
+  summary = ablate.summarize(per_seed, 800)["RS"]
+  assert summary["miou"] == pytest.approx(0.5) and summary["miou_std"] == pytest.approx(0.1)
+  assert summary["fp_std"] == pytest.approx(0.1) and summary["fn"] == pytest.approx(0.3)
+  assert summary["steps"] == 800 and summary["seeds"]["1"]["miou"] == 0.6
+  assert "50.0 +- 10.0" in ablate.format_ablation({"RS": summary})
+
+
 def test_ablation_trains_forks_and_writes_every_row(tmp_path):
   config = demo.get_config("smoke")
-  results = ablate.run_ablation(config, str(tmp_path), mix_kinds=("epm",))
+  results = ablate.run_ablation(config, str(tmp_path), mix_kinds=("epm",), seeds=(0, 1))
   saved = json.loads((tmp_path / "ablation.json").read_text())
-  assert list(saved) == list(ablate.CAM_ROWS) + ["RS", "RS+EPM"]
-  for row, scores in saved.items():
-    assert scores == pytest.approx(results[row])
-  for scores in saved.values():
-    assert 0 <= scores["miou"] <= 1 and 0 <= scores["fp"] <= 1 and 0 <= scores["fn"] <= 1
-  # The EPM run continued the RecurSeed run from its mix_start checkpoint, not from scratch.
+  assert saved == json.loads(json.dumps(results))
+  assert list(saved) == list(ablate.CAM_ROWS) + ["RS (CAM source)", "RS (decoder source)", "RS+EPM"]
   steps_per_epoch = config.data.synthetic.num_train // config.train.global_batch_size
-  forked = sorted(int(p.name) for p in (tmp_path / "rs_epm" / "checkpoints").iterdir() if p.name.isdigit())
-  assert forked[0] == config.loss.mix_start_epoch * steps_per_epoch
-  with pytest.raises(ValueError, match="Unknown mixing kinds"):
-    ablate.run_ablation(config, str(tmp_path), mix_kinds=("mixup",))
+  total = steps_per_epoch * config.train.num_epochs
+  for row, scores in saved.items():
+    assert scores["steps"] == total and set(scores["seeds"]) == {"0", "1"}
+    for seed_scores in scores["seeds"].values():
+      assert 0 <= seed_scores["miou"] <= 1 and 0 <= seed_scores["fp"] <= 1
+    values = [v["miou"] for v in scores["seeds"].values()]
+    assert scores["miou"] == pytest.approx(np.mean(values))
+  for seed in (0, 1):
+    runs = tmp_path / f"seed_{seed}"
+    # Every run ends at the same step; forked runs start from their parent's checkpoint.
+    for name, first in (("cam", steps_per_epoch), ("rs_cam", config.loss.rs_start_epoch * steps_per_epoch),
+                        ("rs_epm", config.loss.mix_start_epoch * steps_per_epoch)):
+      kept = sorted(int(p.name) for p in (runs / name / "checkpoints").iterdir() if p.name.isdigit())
+      assert kept[0] == first and kept[-1] == total, (name, kept)
+  # The CAM rows come from a run trained with the classification loss alone.
+  cam_metrics = [json.loads(line) for line in (tmp_path / "seed_0" / "cam" / "metrics.jsonl").read_text().splitlines()]
+  assert all(m.get("loss_seg", 0.0) == 0.0 for m in cam_metrics if "loss" in m)
