@@ -17,7 +17,8 @@ M = loss.mix_start_epoch):
   variants     (as their row)   the config's recipe with one reconstruction knob flipped
 
 "base" is rs_decoder when the config's `loss.decoder_source_epoch` lies inside the schedule,
-else rs_cam. D is that epoch, or R when the config never switches. The variants (`--variants`)
+else rs_cam. D is that epoch, or R + 2 (at most the last epoch) when the config never switches,
+so the decoder has trained for two epochs before it becomes the source. The variants (`--variants`)
 flip `recurseed.filter_input`, `recurseed.decoder_source_dropout`, `train.bn_stats`,
 `mix.mix_targets` and `mix.edge_band`; their rows are named "<row> [key=value]".
 
@@ -181,7 +182,8 @@ def plan_runs(config, mix_kinds=("cutmix", "classmix", "epm"), variants=()):
         "The ablation needs 0 < loss.rs_start_epoch <= loss.mix_start_epoch < train.num_epochs; "
         f"got {rs_start}, {mix_start}, {epochs}.")
   uses_decoder = rs_start <= config.loss.decoder_source_epoch < epochs
-  decoder_epoch = config.loss.decoder_source_epoch if uses_decoder else rs_start
+  decoder_epoch = (config.loss.decoder_source_epoch if uses_decoder
+                   else min(rs_start + 2, epochs - 1))
   no_mix = {"mix.kind": "none"}
   rs_cam = {**no_mix, "loss.decoder_source_epoch": epochs}
   rs_decoder = {**no_mix, "loss.decoder_source_epoch": decoder_epoch}

@@ -63,7 +63,7 @@ def test_plan_runs_share_prefixes_and_flip_one_knob_per_variant():
   # A config that never switches to the decoder: the recipe is the CAM-source run.
   config.loss.decoder_source_epoch = 6
   runs = {run.name: run for run in ablate.plan_runs(config, ("cutmix",), ())}
-  assert (runs["rs_cutmix"].parent, runs["rs_decoder"].fork_epoch) == ("rs_cam", 2)
+  assert (runs["rs_cutmix"].parent, runs["rs_decoder"].fork_epoch) == ("rs_cam", 4)  # R + 2
   with pytest.raises(ValueError, match="Unknown variants"):
     ablate.plan_runs(config, (), ("dropout",))
   with pytest.raises(ValueError, match="Unknown mixing kinds"):
