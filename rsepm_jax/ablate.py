@@ -19,7 +19,8 @@ M = loss.mix_start_epoch):
 "base" is rs_decoder when the config's `loss.decoder_source_epoch` lies inside the schedule,
 else rs_cam. D is that epoch, or R + 2 (at most the last epoch) when the config never switches,
 so the decoder has trained for two epochs before it becomes the source. The variants (`--variants`)
-flip `recurseed.filter_input`, `recurseed.decoder_source_dropout`, `train.bn_stats`,
+flip `recurseed.filter_input`, `recurseed.decoder_source_dropout`,
+`recurseed.normalize_decoder_source`, `train.bn_stats`,
 `mix.mix_targets` and `mix.edge_band`; their rows are named "<row> [key=value]".
 
 Every row gives per-class maps in [0, 1] for the image's tags; the background threshold is
@@ -59,9 +60,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the runs and abla
 _MIXES = flags.DEFINE_list("mixes", ["cutmix", "classmix", "epm"], "Mixing kinds to compare.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (config.seed) to run.")
 _VARIANTS = flags.DEFINE_list(
-    "variants", ["filter_input", "decoder_source_dropout", "bn_stats", "mix_targets"],
-    "Reconstruction knobs to flip, one run each: filter_input, decoder_source_dropout, bn_stats, "
-    "mix_targets, edge_band (empty: none).")
+    "variants", ["filter_input", "decoder_source_dropout", "normalize_decoder_source",
+                 "bn_stats", "mix_targets"],
+    "Reconstruction knobs to flip, one run each: filter_input, decoder_source_dropout, "
+    "normalize_decoder_source, bn_stats, mix_targets, edge_band (empty: none).")
 
 CAM_ROWS = ("CAM", "CAM+SCG", "CAM+PAMR", "CAM+SCG+PAMR")
 MIX_ROW_NAMES = {"cutmix": "RS+CutMix", "classmix": "RS+ClassMix", "epm": "RS+EPM"}
@@ -139,6 +141,7 @@ def score_rows(config, workdir, step, rows):
 VARIANTS = {  # --variants name -> (config key, its two values)
     "filter_input": ("recurseed.filter_input", ("source", "refined")),
     "decoder_source_dropout": ("recurseed.decoder_source_dropout", (False, True)),
+    "normalize_decoder_source": ("recurseed.normalize_decoder_source", (False, True)),
     "bn_stats": ("train.bn_stats", ("both", "clean")),
     "mix_targets": ("mix.mix_targets", ("completed", "seeds")),
     "edge_band": ("mix.edge_band", ("pasted_edges", "label_change")),
@@ -202,7 +205,7 @@ def plan_runs(config, mix_kinds=("cutmix", "classmix", "epm"), variants=()):
     flipped = values[1] if _get(config, key) == values[0] else values[0]
     if key.startswith("mix.") or key == "train.bn_stats":
       parent, fork, row, overrides = base, mix_start, "RS+EPM", mix_overrides["epm"]
-    elif key == "recurseed.decoder_source_dropout":
+    elif key in ("recurseed.decoder_source_dropout", "recurseed.normalize_decoder_source"):
       parent, fork, row, overrides = "rs_cam", decoder_epoch, "RS (decoder source)", rs_decoder
     else:
       parent, fork, row, overrides = "cam", rs_start, base_row, base_overrides

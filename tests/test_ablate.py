@@ -83,25 +83,25 @@ def test_summary_mean_and_sample_std():
 
 def test_ablation_trains_forks_and_writes_every_row(tmp_path):
   config = demo.get_config("smoke")
-  results = ablate.run_ablation(config, str(tmp_path), mix_kinds=("epm",), seeds=(0, 1))
+  # One seed keeps the suite fast; `summarize` is tested over several above.
+  results = ablate.run_ablation(config, str(tmp_path), mix_kinds=("epm",), seeds=(1,))
   saved = json.loads((tmp_path / "ablation.json").read_text())
   assert saved == json.loads(json.dumps(results))
   assert list(saved) == list(ablate.CAM_ROWS) + ["RS (CAM source)", "RS (decoder source)", "RS+EPM"]
   steps_per_epoch = config.data.synthetic.num_train // config.train.global_batch_size
   total = steps_per_epoch * config.train.num_epochs
   for row, scores in saved.items():
-    assert scores["steps"] == total and set(scores["seeds"]) == {"0", "1"}
+    assert scores["steps"] == total and set(scores["seeds"]) == {"1"} and scores["miou_std"] == 0
     for seed_scores in scores["seeds"].values():
       assert 0 <= seed_scores["miou"] <= 1 and 0 <= seed_scores["fp"] <= 1
     values = [v["miou"] for v in scores["seeds"].values()]
     assert scores["miou"] == pytest.approx(np.mean(values))
-  for seed in (0, 1):
-    runs = tmp_path / f"seed_{seed}"
-    # Every run ends at the same step; forked runs start from their parent's checkpoint.
-    for name, first in (("cam", steps_per_epoch), ("rs_cam", config.loss.rs_start_epoch * steps_per_epoch),
-                        ("rs_epm", config.loss.mix_start_epoch * steps_per_epoch)):
-      kept = sorted(int(p.name) for p in (runs / name / "checkpoints").iterdir() if p.name.isdigit())
-      assert kept[0] == first and kept[-1] == total, (name, kept)
+  runs = tmp_path / "seed_1"
+  # Every run ends at the same step; forked runs start from their parent's checkpoint.
+  for name, first in (("cam", steps_per_epoch), ("rs_cam", config.loss.rs_start_epoch * steps_per_epoch),
+                      ("rs_epm", config.loss.mix_start_epoch * steps_per_epoch)):
+    kept = sorted(int(p.name) for p in (runs / name / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept[0] == first and kept[-1] == total, (name, kept)
   # The CAM rows come from a run trained with the classification loss alone.
-  cam_metrics = [json.loads(line) for line in (tmp_path / "seed_0" / "cam" / "metrics.jsonl").read_text().splitlines()]
+  cam_metrics = [json.loads(line) for line in (tmp_path / "seed_1" / "cam" / "metrics.jsonl").read_text().splitlines()]
   assert all(m.get("loss_seg", 0.0) == 0.0 for m in cam_metrics if "loss" in m)

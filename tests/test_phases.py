@@ -39,6 +39,7 @@ def _config():
   config.loss.rs_start_epoch = 1
   config.loss.decoder_source_epoch = 2
   config.loss.mix_start_epoch = 3
+  config.recurseed.normalize_decoder_source = True  # the known answer below needs it
   return config
 
 

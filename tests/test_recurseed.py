@@ -69,9 +69,9 @@ def _cam_source():
   return _max_normalize(np.maximum(CAMS, 0.0)) * LABELS[:, None, None, :]
 
 
-def _decoder_source():
-  foreground = _softmax(SEG_LOGITS.astype(np.float64))[..., 1:]
-  return _max_normalize(_resize(foreground, DOWN, DOWN)) * LABELS[:, None, None, :]
+def _decoder_source(normalize=True):
+  foreground = _resize(_softmax(SEG_LOGITS.astype(np.float64))[..., 1:], DOWN, DOWN)
+  return (_max_normalize(foreground) if normalize else foreground) * LABELS[:, None, None, :]
 
 
 def _inputs(size=16, seed=0):
@@ -101,7 +101,8 @@ def _pseudo_mask(settings, decoder_weight, image, cams=CAMS, seg_logits=SEG_LOGI
 
 # ------------------------------------------------------------------------------ source switch
 
-IDENTITY_REFINEMENT = recurseed.Settings(use_scg=False, use_pamr=False)
+IDENTITY_REFINEMENT = recurseed.Settings(use_scg=False, use_pamr=False,
+                                         normalize_decoder_source=True)
 
 
 def test_hand_resizes_match_the_documented_semantics():
@@ -123,6 +124,19 @@ def test_source_is_the_cam_at_weight_0_and_the_decoder_at_weight_1(decoder_weigh
   np.testing.assert_allclose(probs, _with_background(source_on_mask, 2.0), rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(seeds, _threshold_seeds(source_on_mask, source_on_mask))
   assert np.all(probs[..., 3] == 0)  # the untagged class never shows
+
+
+def test_raw_decoder_source_is_the_softmax_foreground_of_the_tags():
+  """The default: the decoder's foreground probabilities, not max-normalised."""
+  image, _ = _inputs()
+  settings = recurseed.Settings(use_scg=False, use_pamr=False)
+  assert not settings.normalize_decoder_source
+  seeds, probs = _pseudo_mask(settings, 1.0, image)
+  source_on_mask = _resize(_decoder_source(normalize=False), UP, UP)
+  np.testing.assert_allclose(probs, _with_background(source_on_mask, 2.0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(seeds, _threshold_seeds(source_on_mask, source_on_mask))
+  # Raw probabilities are never above their max-normalised values.
+  assert np.all(source_on_mask <= _resize(_decoder_source(), UP, UP) + 1e-6)
 
 
 def test_cam_and_decoder_sources_give_the_known_different_seeds():

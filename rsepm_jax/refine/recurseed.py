@@ -47,7 +47,7 @@ class Settings:
   rounds: int = 1  # SCG -> PAMR rounds per step
   use_scg: bool = True  # ablation switch
   use_pamr: bool = True  # ablation switch
-  normalize_decoder_source: bool = True  # per-class max-normalise the decoder source
+  normalize_decoder_source: bool = False  # per-class max-normalise the decoder source
   # The decoder source comes from the training forward pass, dropout on (True), or from the
   # decoder head re-run on the same features without dropout (False; done by the train step).
   decoder_source_dropout: bool = False
