@@ -54,7 +54,9 @@ def get_config(arg=None):
   config.model = ml_collections.ConfigDict()
   config.model.backbone = "tiny"  # resnet50 | resnet101 | tiny (1 block per stage)
   config.model.backbone_width = 8  # tiny only: stem width (C5 has 32x this many channels)
-  config.model.output_stride = 8  # 16 (spec 1.1) or 8
+  # 16 (spec 1.1) or 8. The demo's 96 px crops give a 6x6 CAM at 16; at 8 the tiny backbone's
+  # undilated layer4 sees ~59 px and a step is 3-4x slower.
+  config.model.output_stride = 16
   config.model.last_stride = 1  # stride of layer4 (spec 1.1: 1)
   config.model.with_decoder = True  # DeepLabv3+ decoder (spec 1.3)
   config.model.decoder_channels = 32  # ASPP / decoder width (spec: 256)
@@ -67,7 +69,10 @@ def get_config(arg=None):
 
   # ---------------------------------------------------------------------------- optimiser
   config.optim = ml_collections.ConfigDict()
-  config.optim.lr = 0.1  # base learning rate (spec 7.2 suggests 0.1 for 16-32 crops of 512)
+  # Base learning rate (spec 7.2 suggests 0.1 for an ImageNet backbone). The demo's from-scratch
+  # CAM, 1,200 CAM-only steps at output stride 16, val mIoU: LR 0.3 22.3, 0.1 30.6, 0.03 39.7,
+  # 0.01 32.2 (at 0.1 the classification loss stays at its class-frequency floor for 500 steps).
+  config.optim.lr = 0.03
   config.optim.momentum = 0.9  # SGD momentum
   config.optim.nesterov = True  # Nesterov momentum
   config.optim.weight_decay = 1e-4  # applied to weights (kernels, BN scales) only (spec 7.1)
@@ -84,7 +89,7 @@ def get_config(arg=None):
   # ---------------------------------------------------------------------------- training
   config.train = ml_collections.ConfigDict()
   config.train.global_batch_size = 16  # images per step over all devices and hosts
-  config.train.num_epochs = 8  # epochs over the train split
+  config.train.num_epochs = 12  # epochs over the train split
   config.train.log_every = 20  # steps between progress lines
   config.train.checkpoint_every = 200  # steps between checkpoints (and one at the end)
   config.train.max_checkpoints = 2  # checkpoints kept on disk
@@ -107,11 +112,11 @@ def get_config(arg=None):
   config.loss.mix_cls = 1.0  # weight of L_cls on the mixed batch
   config.loss.mix_seg = 1.0  # weight of L_seg on the mixed batch
   config.loss.mix_cam = 1.0  # weight of L_cam on the mixed batch
-  config.loss.rs_start_epoch = 3  # RecurSeed losses from this epoch (spec 6.3: 5)
-  # RecurSeed source: CAM before this epoch, decoder from it. The demo keeps the CAM (8 = never):
-  # its decoder, trained from scratch for a few epochs, collapses when it becomes the source.
-  config.loss.decoder_source_epoch = 8
-  config.loss.mix_start_epoch = 5  # mixed-batch losses from this epoch (spec 6.3: 15)
+  config.loss.rs_start_epoch = 4  # RecurSeed losses from this epoch (spec 6.3: 5)
+  # RecurSeed source: CAM before this epoch, decoder from it (12 = never: the demo keeps the CAM;
+  # see the README's ablation for the decoder as source).
+  config.loss.decoder_source_epoch = 12
+  config.loss.mix_start_epoch = 8  # mixed-batch losses from this epoch (spec 6.3: 15)
 
   # ---------------------------------------------------------------------------- RecurSeed
   config.recurseed = ml_collections.ConfigDict()
@@ -197,6 +202,7 @@ def get_config(arg=None):
     config.data.synthetic.num_train = 32
     config.data.synthetic.num_eval = 16
     config.data.synthetic.image_size = 32
+    config.model.output_stride = 8  # a 4x4 CAM on the 32 px crops
     config.model.backbone_width = 8
     config.model.decoder_channels = 8
     config.model.low_level_channels = 8
@@ -208,7 +214,10 @@ def get_config(arg=None):
     config.optim.lr_new_weight = 10.0
     config.optim.lr_new_bias = 20.0
     config.loss.rs_start_epoch = 1  # the second epoch runs every phase at once
-    config.loss.decoder_source_epoch = 1
+    # The decoder never becomes the source: a fresh decoder's softmax (~1/7 per class) falls
+    # between the confidence thresholds, so every seed would be ignored (tests/test_phases.py
+    # covers the switch).
+    config.loss.decoder_source_epoch = 99  # never
     config.loss.mix_start_epoch = 1
     config.recurseed.pamr_dilations = (1, 2)  # the 8x8 mask grid of a 32 px crop
     config.train.log_every = 2

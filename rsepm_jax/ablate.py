@@ -59,6 +59,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_c
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the runs and ablation.json.")
 _MIXES = flags.DEFINE_list("mixes", ["cutmix", "classmix", "epm"], "Mixing kinds to compare.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (config.seed) to run.")
+_OUTPUT = flags.DEFINE_string("output", "ablation.json", "Table file name in --workdir.")
 _VARIANTS = flags.DEFINE_list(
     "variants", ["filter_input", "decoder_source_dropout", "normalize_decoder_source",
                  "bn_stats", "mix_targets"],
@@ -290,8 +291,8 @@ def format_ablation(summary):
 
 
 def run_ablation(config, workdir, mix_kinds=("cutmix", "classmix", "epm"), seeds=(0,),
-                 variants=()):
-  """Trains every run of every seed (resuming), scores the rows, writes ablation.json."""
+                 variants=(), output="ablation.json"):
+  """Trains every run of every seed (resuming), scores the rows, writes `workdir/output`."""
   runs = plan_runs(config, mix_kinds, variants)
   root = epath.Path(workdir)
   per_seed, steps = {}, None
@@ -301,7 +302,7 @@ def run_ablation(config, workdir, mix_kinds=("cutmix", "classmix", "epm"), seeds
     per_seed[seed], steps = run_seed(seed_config, str(root / f"seed_{seed}"), runs)
   summary = summarize(per_seed, steps)
   if jax.process_index() == 0:
-    (root / "ablation.json").write_text(json.dumps(summary, indent=2))
+    (root / output).write_text(json.dumps(summary, indent=2))
   logging.info("Seed ablation on %s, %d steps per row, seeds %s:\n%s", config.data.train_split,
                steps, list(seeds), format_ablation(summary))
   return summary
@@ -318,7 +319,7 @@ def main(argv):
                     str(epath.Path(_WORKDIR.value) / "xla_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
   run_ablation(_CONFIG.value, _WORKDIR.value, tuple(_MIXES.value),
-               tuple(int(seed) for seed in _SEEDS.value), tuple(_VARIANTS.value))
+               tuple(int(seed) for seed in _SEEDS.value), tuple(_VARIANTS.value), _OUTPUT.value)
 
 
 if __name__ == "__main__":
