@@ -116,6 +116,8 @@ def get_config(arg=None):
   # RecurSeed source: CAM before this epoch, decoder from it (12 = never: the demo keeps the CAM;
   # see the README's ablation for the decoder as source).
   config.loss.decoder_source_epoch = 12
+  # Once the decoder is the source: S = (1 - w) * CAM source + w * decoder source (1 = decoder only).
+  config.loss.decoder_source_weight = 1.0
   config.loss.mix_start_epoch = 8  # mixed-batch losses from this epoch (spec 6.3: 15)
 
   # ---------------------------------------------------------------------------- RecurSeed

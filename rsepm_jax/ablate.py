@@ -20,7 +20,7 @@ M = loss.mix_start_epoch):
 else rs_cam. D is that epoch, or R + 2 (at most the last epoch) when the config never switches,
 so the decoder has trained for two epochs before it becomes the source. The variants (`--variants`)
 flip `recurseed.filter_input`, `recurseed.decoder_source_dropout`,
-`recurseed.normalize_decoder_source`, `train.bn_stats`,
+`recurseed.normalize_decoder_source`, `loss.decoder_source_weight` (1 <-> 0.5), `train.bn_stats`,
 `mix.mix_targets` and `mix.edge_band`; their rows are named "<row> [key=value]".
 
 Every row gives per-class maps in [0, 1] for the image's tags; the background threshold is
@@ -64,7 +64,8 @@ _VARIANTS = flags.DEFINE_list(
     "variants", ["filter_input", "decoder_source_dropout", "normalize_decoder_source",
                  "bn_stats", "mix_targets"],
     "Reconstruction knobs to flip, one run each: filter_input, decoder_source_dropout, "
-    "normalize_decoder_source, bn_stats, mix_targets, edge_band (empty: none).")
+    "normalize_decoder_source, decoder_source_weight, bn_stats, mix_targets, edge_band "
+    "(empty: none).")
 
 CAM_ROWS = ("CAM", "CAM+SCG", "CAM+PAMR", "CAM+SCG+PAMR")
 MIX_ROW_NAMES = {"cutmix": "RS+CutMix", "classmix": "RS+ClassMix", "epm": "RS+EPM"}
@@ -143,6 +144,7 @@ VARIANTS = {  # --variants name -> (config key, its two values)
     "filter_input": ("recurseed.filter_input", ("source", "refined")),
     "decoder_source_dropout": ("recurseed.decoder_source_dropout", (False, True)),
     "normalize_decoder_source": ("recurseed.normalize_decoder_source", (False, True)),
+    "decoder_source_weight": ("loss.decoder_source_weight", (1.0, 0.5)),
     "bn_stats": ("train.bn_stats", ("both", "clean")),
     "mix_targets": ("mix.mix_targets", ("completed", "seeds")),
     "edge_band": ("mix.edge_band", ("pasted_edges", "label_change")),
@@ -206,7 +208,8 @@ def plan_runs(config, mix_kinds=("cutmix", "classmix", "epm"), variants=()):
     flipped = values[1] if _get(config, key) == values[0] else values[0]
     if key.startswith("mix.") or key == "train.bn_stats":
       parent, fork, row, overrides = base, mix_start, "RS+EPM", mix_overrides["epm"]
-    elif key in ("recurseed.decoder_source_dropout", "recurseed.normalize_decoder_source"):
+    elif key in ("recurseed.decoder_source_dropout", "recurseed.normalize_decoder_source",
+                 "loss.decoder_source_weight"):
       parent, fork, row, overrides = "rs_cam", decoder_epoch, "RS (decoder source)", rs_decoder
     else:
       parent, fork, row, overrides = "cam", rs_start, base_row, base_overrides

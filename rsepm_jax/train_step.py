@@ -171,7 +171,7 @@ def make_train_step(model, tx, config, mesh, total_steps, steps_per_epoch):
         lambda: recurseed.pseudo_mask(
             images, outputs["cams"], source_logits(params, batch_stats, outputs, decoder_on),
             outputs["features"], batch["labels"], batch["crop_box"],
-            decoder_on.astype(jnp.float32), rs_settings),
+            decoder_on.astype(jnp.float32) * loss_config.decoder_source_weight, rs_settings),
         lambda: no_seeds)
     batch_stats = mutated["batch_stats"]
     seg, cam = _seed_losses(outputs, seeds, loss_config)

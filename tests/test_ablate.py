@@ -58,6 +58,11 @@ def test_plan_runs_share_prefixes_and_flip_one_knob_per_variant():
   assert runs["variant_filter_input"].overrides == {
       "mix.kind": "none", "loss.decoder_source_epoch": 3, "recurseed.filter_input": "refined"}
   assert runs["variant_bn_stats"].rows == {"RS+EPM [train.bn_stats=clean]": "RS"}
+  weight = {r.name: r for r in ablate.plan_runs(config, (), ("decoder_source_weight",))}
+  assert weight["variant_decoder_source_weight"].overrides == {
+      "mix.kind": "none", "loss.decoder_source_epoch": 3, "loss.decoder_source_weight": 0.5}
+  assert (weight["variant_decoder_source_weight"].parent,
+          weight["variant_decoder_source_weight"].fork_epoch) == ("rs_cam", 3)
   assert runs["variant_decoder_source_dropout"].rows == {
       "RS (decoder source) [recurseed.decoder_source_dropout=True]": "RS"}
   # A config that never switches to the decoder: the recipe is the CAM-source run.
