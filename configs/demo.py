@@ -140,7 +140,8 @@ def get_config(arg=None):
   config.recurseed.confidence_rule = "threshold"  # threshold | margin (top-1 minus top-2)
   # What the confidence filter thresholds (the label is always argmax of the refined P):
   # "source" = the RecurSeed source S before SCG/PAMR (spec 4.2: max_c S_c) | "refined" = P.
-  config.recurseed.filter_input = "source"
+  # "refined" by the seed ablation: +4.5 and +2.6 mIoU over "source" in seeds 0 and 1 (README).
+  config.recurseed.filter_input = "refined"
   config.recurseed.rounds = 1  # SCG -> PAMR rounds per step (lax.scan)
   config.recurseed.use_scg = True  # ablation switch
   config.recurseed.use_pamr = True  # ablation switch
@@ -196,6 +197,8 @@ def get_config(arg=None):
     config.loss.decoder_source_epoch = 12  # the CAM stays the source; the ablation adds a row
     config.loss.mix_start_epoch = 8
     config.train.checkpoint_every = 100
+    # The README's ablation tables were measured before the ablation made "refined" the default.
+    config.recurseed.filter_input = "source"
 
   if variant == "smoke":
     config.data.crop_size = 32

@@ -56,7 +56,7 @@ def test_plan_runs_share_prefixes_and_flip_one_knob_per_variant():
   assert runs["rs_cam"].overrides["loss.decoder_source_epoch"] == 6  # never switches
   assert runs["rs_epm"].overrides == {"mix.kind": "epm", "loss.decoder_source_epoch": 3}
   assert runs["variant_filter_input"].overrides == {
-      "mix.kind": "none", "loss.decoder_source_epoch": 3, "recurseed.filter_input": "refined"}
+      "mix.kind": "none", "loss.decoder_source_epoch": 3, "recurseed.filter_input": "source"}
   assert runs["variant_bn_stats"].rows == {"RS+EPM [train.bn_stats=clean]": "RS"}
   weight = {r.name: r for r in ablate.plan_runs(config, (), ("decoder_source_weight",))}
   assert weight["variant_decoder_source_weight"].overrides == {

@@ -43,7 +43,7 @@ class Settings:
   certain: float = 0.55  # confidence filter: foreground at or above this
   uncertain: float = 0.10  # confidence filter: background at or below this
   confidence_rule: str = "threshold"  # threshold (max fg) | margin (top-1 minus top-2)
-  filter_input: str = "source"  # confidence filter reads the source S (spec 4.2) | refined P
+  filter_input: str = "refined"  # confidence filter reads the refined P | the source S (spec 4.2)
   rounds: int = 1  # SCG -> PAMR rounds per step
   use_scg: bool = True  # ablation switch
   use_pamr: bool = True  # ablation switch
