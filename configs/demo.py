@@ -196,7 +196,6 @@ def get_config(arg=None):
     config.loss.rs_start_epoch = 4
     config.loss.decoder_source_epoch = 12  # the CAM stays the source; the ablation adds a row
     config.loss.mix_start_epoch = 8
-    config.train.checkpoint_every = 100
     # The README's ablation tables were measured before the ablation made "refined" the default.
     config.recurseed.filter_input = "source"
 
