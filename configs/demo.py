@@ -40,6 +40,7 @@ def get_config(arg=None):
   config.data.num_workers = 0  # grain worker processes (0 = in the main process)
   config.data.read_threads = 2  # grain read threads per process
   config.data.prefetch_buffer_size = 16  # grain read-ahead, in records
+  config.data.device_prefetch = 2  # batches on their way to the devices (1 = no overlap)
   config.data.skip_bad_records = False  # skip-and-count corrupt records instead of failing
   config.data.allow_subset = False  # accept split sizes different from the standard ones
   config.data.synthetic = ml_collections.ConfigDict()

@@ -79,7 +79,7 @@ def create_train_state(model, tx, config, rng, mesh, pretrained=True):
       "ema_params": jax.tree.map(jnp.copy, params),
       "ema_batch_stats": jax.tree.map(jnp.copy, batch_stats),
   }
-  return jax.device_put(state, parallel.replicated(mesh))
+  return parallel.replicate(state, mesh)
 
 
 def eval_variables(state, use_ema=True):

@@ -18,6 +18,7 @@ from rsepm_jax import evaluate
 from rsepm_jax import metric_writer
 from rsepm_jax import optimizer
 from rsepm_jax import parallel
+from rsepm_jax import preemption
 from rsepm_jax import state as state_lib
 from rsepm_jax import train_step
 from rsepm_jax.data import pipeline
@@ -39,6 +40,10 @@ def prepare_workdir(workdir, config):
   return path
 
 
+# A progress line warns when the loop spent more than this share of its time waiting for input.
+WAIT_WARNING_FRACTION = 0.2
+
+
 def schedule_lengths(config):
   """(steps per epoch, total steps) from the split size and the global batch."""
   num_train = pipeline.num_records(config.data, config.data.train_split)
@@ -51,31 +56,41 @@ def schedule_lengths(config):
 
 
 class Progress:
-  """Console progress lines with images/s and ETA, and the metrics file."""
+  """Console progress lines with images/s, ETA and the input wait, and the metrics file."""
 
-  def __init__(self, writer, total_steps, global_batch_size, start_step):
+  def __init__(self, writer, total_steps, global_batch_size, start_step, data_iter):
     self._writer = writer
     self._total = total_steps
     self._batch = global_batch_size
+    self._data_iter = data_iter
     self._last_step = start_step
     self._last_time = time.time()
+    self._last_wait = data_iter.wait_seconds
 
   def restart_clock(self):
     """Starts the images/s and ETA clock now (after compilation, which is not throughput)."""
     self._last_time = time.time()
+    self._last_wait = self._data_iter.wait_seconds
 
   def report(self, step, measurements):
     now = time.time()
-    images_per_s = (step - self._last_step) * self._batch / max(now - self._last_time, 1e-9)
+    elapsed = max(now - self._last_time, 1e-9)
+    images_per_s = (step - self._last_step) * self._batch / elapsed
     eta = (self._total - step) * self._batch / max(images_per_s, 1e-9)
+    data_wait = min((self._data_iter.wait_seconds - self._last_wait) / elapsed, 1.0)
     self._last_step, self._last_time = step, now
-    scalars = {**measurements, "images_per_s": images_per_s}
+    self._last_wait = self._data_iter.wait_seconds
+    scalars = {**measurements, "images_per_s": images_per_s, "data_wait_fraction": data_wait}
     self._writer.write(step, scalars)
     terms = " ".join(f"{k}={v:.4f}" for k, v in measurements.items() if k.startswith("loss_"))
     logging.info(
         "step %d/%d loss=%.4f %s lr=%.5f grad_norm=%.3f %.1f img/s ETA %s",
         step, self._total, measurements["loss"], terms, measurements["lr"],
         measurements["grad_norm"], images_per_s, time.strftime("%H:%M:%S", time.gmtime(eta)))
+    if data_wait > WAIT_WARNING_FRACTION:
+      logging.warning(
+          "Input-bound: waited for data %.0f%% of the time since the last report (step %d); "
+          "raise config.data.num_workers or config.data.read_threads.", 100 * data_wait, step)
 
 
 def _check_finite(pending):
@@ -90,7 +105,11 @@ def _check_finite(pending):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
-  """Trains per `config`, checkpointing to and resuming from `workdir`; returns final results."""
+  """Trains per `config`, checkpointing to and resuming from `workdir`; returns final results.
+
+  On a preemption notice (SIGTERM) every process saves at the same step and this returns
+  `{"preempted_at_step": step}` instead; re-running the same command continues from there.
+  """
   # ------------------------------------------------------------------ workdir and mesh
   prepare_workdir(workdir, config)
   mesh = parallel.make_mesh()
@@ -100,7 +119,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 
   # ------------------------------------------------------------------ input
   steps_per_epoch, total_steps = schedule_lengths(config)
-  data_iter = pipeline.train_iterator(config.data, config.train.global_batch_size, config.seed)
+  data_iter = parallel.DeviceBatches(
+      pipeline.train_iterator(config.data, config.train.global_batch_size, config.seed), mesh,
+      config.data.device_prefetch)
 
   # ------------------------------------------------------------------ model, optimiser, state
   model = state_lib.build_model(config, bn_axis_name=parallel.DATA_AXIS)
@@ -119,37 +140,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   # ------------------------------------------------------------------ step and loop
   step_fn = train_step.make_train_step(model, tx, config, mesh, total_steps, steps_per_epoch)
   writer = metric_writer.MetricWriter(workdir)
-  progress = Progress(writer, total_steps, config.train.global_batch_size, start_step)
-  step_rng = jax.device_put(step_rng, parallel.replicated(mesh))
+  progress = Progress(writer, total_steps, config.train.global_batch_size, start_step, data_iter)
+  step_rng = parallel.replicate(step_rng, mesh)
   pending = []
   logging.info("Training steps %d..%d (%d per epoch).", start_step, total_steps, steps_per_epoch)
-  for step in range(start_step + 1, total_steps + 1):
-    batch = parallel.to_global(next(data_iter), mesh)
-    if step == start_step + 1:
-      compile_start = time.time()
-      logging.info("Compiling the train step (every phase at once; about a minute on a laptop CPU).")
-      step_fn = step_fn.lower(state, batch, step_rng).compile()
-      logging.info("Compiled in %.0f s.", time.time() - compile_start)
-      progress.restart_clock()
-    state, measurements = step_fn(state, batch, step_rng)
-    pending.append((step, measurements))
-    is_last = step == total_steps
-    save_now = step % config.train.checkpoint_every == 0 or is_last
-    if step % config.train.log_every == 0 or save_now or is_last:
-      _check_finite(pending)
-      progress.report(step, {k: float(v) for k, v in pending[-1][1].items()})
-      pending = []
-    if save_now:
-      checkpoint.save(manager, step, state, data_iter)
-    if config.train.eval_every and step % config.train.eval_every == 0 and not is_last:
-      _evaluate_and_report(model, state, config, mesh, workdir, step, writer)
+  with preemption.PreemptionWatch() as watch:
+    for step in range(start_step + 1, total_steps + 1):
+      batch = next(data_iter)
+      if step == start_step + 1:
+        compile_start = time.time()
+        logging.info("Compiling the train step (every phase at once; about a minute on a laptop CPU).")
+        step_fn = step_fn.lower(state, batch, step_rng).compile()
+        logging.info("Compiled in %.0f s.", time.time() - compile_start)
+        progress.restart_clock()
+      state, measurements = step_fn(state, batch, step_rng)
+      pending.append((step, measurements))
+      is_last = step == total_steps
+      preempted = watch.reached(step)
+      save_now = step % config.train.checkpoint_every == 0 or is_last or preempted
+      if step % config.train.log_every == 0 or save_now:
+        _check_finite(pending)
+        progress.report(step, {k: float(v) for k, v in pending[-1][1].items()})
+        pending = []
+      if save_now:
+        checkpoint.save(manager, step, state, data_iter, force=preempted)
+      if preempted:
+        manager.wait_until_finished()
+        manager.close()
+        data_iter.close()
+        logging.warning("Preempted at step %d: checkpoint saved; re-run the same command to "
+                        "continue.", step)
+        return {"preempted_at_step": step}
+      if config.train.eval_every and step % config.train.eval_every == 0 and not is_last:
+        _evaluate_and_report(model, state, config, mesh, workdir, step, writer)
   manager.wait_until_finished()
+  data_iter.close()
   _check_finite(pending)
 
   # ------------------------------------------------------------------ final evaluation
   results = _evaluate_and_report(model, state, config, mesh, workdir, total_steps, writer)
   manager.close()
+  write_done(workdir, total_steps, results)
   return results
+
+
+def write_done(workdir, step, results):
+  """`workdir/done.json` (process 0): the run is complete; retry wrappers stop on it."""
+  if jax.process_index() == 0:
+    summary = {"step": int(step), **{f"{head}_miou": float(results[head]["miou"])
+                                    for head in ("cam", "decoder") if head in results}}
+    (epath.Path(workdir) / "done.json").write_text(json.dumps(summary, indent=2))
 
 
 def _evaluate_and_report(model, state, config, mesh, workdir, step, writer):

@@ -104,32 +104,32 @@ def test_two_hosts_read_disjoint_shards_that_cover_each_epoch(use_source):
     assert all(batch["image"].shape[0] == 2 for batch in batches)
     per_host.append([i for batch in batches for i in _indices(batch["labels"])])
     iterator.close()
-  epochs = [per_host[0][:6] + per_host[1][:6], per_host[0][6:] + per_host[1][6:]]
+  # Global batch j is host 0's rows then host 1's rows of batch j (2 images each).
+  global_order = [i for j in range(6) for h in (0, 1) for i in per_host[h][2 * j:2 * j + 2]]
+  epochs = [global_order[:12], global_order[12:]]
   for epoch in epochs:
     assert sorted(epoch) == list(range(12))
   assert epochs[0] != epochs[1]  # reshuffled each epoch
-  # Host h reads global positions h, h + 2, ...: one shared global order.
-  global_order = [i for pair in zip(per_host[0][:6], per_host[1][:6]) for i in pair]
-  assert global_order != sorted(global_order)
+  assert epochs[0] != sorted(epochs[0])
 
 
-def test_augmentation_depends_on_global_position_not_host_layout(use_source):
+def test_two_hosts_together_yield_the_one_host_global_batches(use_source):
   use_source(IndexedSource(10))
   config = _data_config()
   single = pipeline.train_iterator(config, 4, seed=1, process_index=0, process_count=1)
-  one_host = _take(single, 2)
+  one_host = _take(single, 4)
   single.close()
+  per_host = []
   for process_index in (0, 1):
     iterator = pipeline.train_iterator(config, 4, seed=1, process_index=process_index,
                                        process_count=2)
-    host_batches = _take(iterator, 2)
+    per_host.append(_take(iterator, 4))
     iterator.close()
-    for position in range(4):  # host position p is global position 2 p + process_index
-      host_batch = host_batches[position // 2]
-      single_batch = one_host[(2 * position + process_index) // 4]
-      single_row = (2 * position + process_index) % 4
-      for key in ("image", "mask", "labels", "crop_box"):
-        np.testing.assert_array_equal(host_batch[key][position % 2], single_batch[key][single_row])
+  # Same images, same augmentation, same order: host h holds rows [2 h, 2 h + 2) of each batch.
+  for j in range(4):
+    for key in ("image", "mask", "labels", "crop_box"):
+      np.testing.assert_array_equal(
+          np.concatenate([per_host[0][j][key], per_host[1][j][key]]), one_host[j][key])
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

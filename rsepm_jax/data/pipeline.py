@@ -6,7 +6,9 @@ Both yield host-local numpy batches; the train loop turns them into global array
 Train (spec 7.2): one global shuffle, identical on every host and reshuffled each epoch;
 the random transforms are applied before the per-host shard so that each record's
 augmentation depends only on its global position (not on which host reads it or how many
-hosts there are); host `i` of `n` then reads global positions `i, i + n, ...`. Records a
+hosts there are); host `i` of `n` then reads the `i`-th contiguous slice of every global
+batch, so the global batch, in order, is the same for any number of hosts (a 2-host run
+computes what a 1-host run with as many devices computes). Records a
 source returns as None (bad records it was told to skip) are dropped by
 `to_iter_dataset` before batching, so every batch is full. The iterator's state is
 grain's JSON state: `get_state`/`set_state` and `grain.checkpoint.CheckpointSave/Restore`
@@ -53,6 +55,34 @@ def _without_id(record):
   return {key: value for key, value in record.items() if key != "id"}
 
 
+class _HostSliceOfGlobalBatches(grain.MapDataset):
+  """Host `process_index`'s rows of consecutive global batches of `parent`.
+
+  Global batch `j` is `parent[j * B : (j + 1) * B]` with B = local_batch_size x process_count;
+  this host's `j`-th local batch is its slice `[process_index * b, (process_index + 1) * b)`.
+  """
+
+  def __init__(self, parent, process_index, process_count, local_batch_size):
+    super().__init__(parent)
+    self._process_index = process_index
+    self._process_count = process_count
+    self._local_batch_size = local_batch_size
+
+  def __len__(self):
+    return len(self._parent) // self._process_count
+
+  def __str__(self):
+    return (f"HostSliceOfGlobalBatches(process={self._process_index}/{self._process_count}, "
+            f"local_batch_size={self._local_batch_size})")
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    batch, row = divmod(index, self._local_batch_size)
+    global_batch_size = self._local_batch_size * self._process_count
+    return self._parent[batch * global_batch_size + self._process_index * self._local_batch_size + row]
+
+
 def num_records(data_config, split):
   """Number of records in `split` (bad records included)."""
   return len(sources.make_source(data_config, split))
@@ -78,7 +108,8 @@ def train_iterator(data_config, global_batch_size, seed, process_index=None,
       dataset = dataset.random_map(transform)
     else:
       dataset = dataset.map(transform)
-  dataset = dataset.map(_without_id)[process_index::process_count]
+  dataset = _HostSliceOfGlobalBatches(
+      dataset.map(_without_id), process_index, process_count, local_batch_size)
   # `to_iter_dataset` drops the None records; batching after it keeps batches full.
   dataset = dataset.to_iter_dataset(_read_options(data_config))
   dataset = dataset.batch(local_batch_size, drop_remainder=True)
