@@ -1,0 +1,55 @@
+"""The speed table on the smoke config: every row present, every number finite and positive."""
+import json
+import math
+
+from configs import demo
+from rsepm_jax import benchmark
+
+ROWS = ("train", "mix", "eval", "pamr", "scg", "canny", "epm", "crf")
+
+
+def _positive(value):
+  return value is not None and math.isfinite(value) and value > 0
+
+
+def test_run_on_smoke_config(tmp_path):
+  rows = benchmark.run(demo.get_config("smoke"), ROWS, repeats=1, component_size=64,
+                       component_batch=2, out_dir=str(tmp_path))
+  assert [row["key"] for row in rows] == list(ROWS)
+  by_key = {row["key"]: row for row in rows}
+  for key in ROWS[:-1]:
+    row = by_key[key]
+    assert row["status"] == "ok", row
+    for field in ("median_ms", "p10_ms", "p90_ms", "images_per_s", "compile_s", "xla_bytes",
+                  "gflops", "tflops_per_s"):
+      assert _positive(row[field]), (key, field, row[field])
+    assert row["mfu"] is None  # no peak FLOP/s for a CPU
+  assert "% of the train step" in by_key["mix"]["note"]
+  crf = by_key["crf"]
+  assert crf["status"] == "ok" or (crf["status"], crf["note"]) == ("n/a", "not implemented yet")
+
+  saved = json.loads((tmp_path / "benchmark.json").read_text())
+  assert [row["key"] for row in saved["rows"]] == list(ROWS)
+  assert saved["device"]["backend"] == "cpu"
+  table = (tmp_path / "benchmark.md").read_text()
+  assert table.count("\n| ") == len(ROWS) + 1  # header and one line per row
+  assert "| crf | n/a (not implemented yet)" in table or "dense CRF" in table
+
+
+def test_isolated_rows_time_out_and_report():
+  rows = benchmark.run_isolated(["--config=configs/demo.py:smoke"], ["crf"], row_timeout_s=120)
+  assert [(row["key"], row["status"]) for row in rows] in ([("crf", "n/a")], [("crf", "ok")])
+  rows = benchmark.run_isolated(["--config=configs/demo.py:smoke", "--repeats=1"],
+                                ["crf", "pamr"], row_timeout_s=0.5)
+  assert [(row["key"], row["status"]) for row in rows] == [("crf", "timeout"), ("pamr", "timeout")]
+  rows = benchmark.run_isolated(["--config=configs/demo.py:smoke"], ["crf", "canny"], budget_s=1)
+  assert rows[-1]["status"] == "skipped"
+
+
+def test_peak_flops_table():
+  assert benchmark.peak_flops("NVIDIA H200") == 989e12
+  assert benchmark.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+  assert benchmark.peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
+  assert benchmark.peak_flops("TPU v5 lite") == 197e12
+  assert benchmark.peak_flops("TPU v4") == 275e12
+  assert benchmark.peak_flops("cpu") is None
