@@ -19,7 +19,7 @@
 #   and the end of its log.
 #
 # Environment (defaults chosen for one machine):
-#   RSEPM_HEARTBEAT_TIMEOUT=10   seconds without heartbeats before a process is declared lost and
+#   RSEPM_HEARTBEAT_TIMEOUT=30   seconds without heartbeats before a process is declared lost and
 #                                the others stop with an error naming it
 #   RSEPM_INIT_TIMEOUT=300       seconds for every process to join
 #   RSEPM_SHUTDOWN_TIMEOUT=60    seconds a finishing process waits for the others
@@ -67,7 +67,7 @@ for ((rank = 0; rank < num; rank++)); do
   logs+=("$log")
   RSEPM_DISTRIBUTED=1 \
     RSEPM_COORDINATOR="localhost:$port" RSEPM_NUM_PROCESSES="$num" RSEPM_PROCESS_ID="$rank" \
-    RSEPM_HEARTBEAT_TIMEOUT="${RSEPM_HEARTBEAT_TIMEOUT:-10}" \
+    RSEPM_HEARTBEAT_TIMEOUT="${RSEPM_HEARTBEAT_TIMEOUT:-30}" \
     RSEPM_INIT_TIMEOUT="${RSEPM_INIT_TIMEOUT:-300}" \
     RSEPM_SHUTDOWN_TIMEOUT="${RSEPM_SHUTDOWN_TIMEOUT:-60}" \
     JAX_PLATFORMS=cpu JAX_NUM_CPU_DEVICES="${DEVICES_PER_PROCESS:-2}" \

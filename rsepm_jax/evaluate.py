@@ -66,10 +66,13 @@ def evaluate(model, variables, config, mesh, split=None):
   parallel.local_batch_size(config.eval.global_batch_size, "config.eval.global_batch_size")
   totals = {}
   num_images = 0
-  for host_batch in pipeline.eval_batches(config.data, split, config.eval.global_batch_size):
+  for index, host_batch in enumerate(
+      pipeline.eval_batches(config.data, split, config.eval.global_batch_size)):
     num_images += int(np.sum(host_batch["valid"]))
-    arrays = {k: v for k, v in host_batch.items() if k != "id"}
-    confusions = eval_step(variables, parallel.to_global(arrays, mesh))
+    batch = parallel.to_global({k: v for k, v in host_batch.items() if k != "id"}, mesh)
+    if index == 0:
+      eval_step = parallel.compile_on_every_process(eval_step, variables, batch, name="eval_step")
+    confusions = eval_step(variables, batch)
     for name, value in confusions.items():
       totals[name] = metrics.accumulate(totals.get(name, np.zeros(value.shape, np.int64)), value)
   cam = metrics.best_threshold(totals["cam"], thresholds)

@@ -48,9 +48,12 @@ def export_pseudo_labels(config, workdir, step=None, split=None):
   out_dir.mkdir(parents=True, exist_ok=True)
   palette = classes.color_palette().reshape(-1).tolist()
   written = 0
-  for host_batch in pipeline.eval_batches(config.data, split, config.eval.global_batch_size):
-    arrays = {k: v for k, v in host_batch.items() if k != "id"}
-    predicted = predict(variables, parallel.to_global(arrays, mesh))
+  for index, host_batch in enumerate(
+      pipeline.eval_batches(config.data, split, config.eval.global_batch_size)):
+    batch = parallel.to_global({k: v for k, v in host_batch.items() if k != "id"}, mesh)
+    if index == 0:
+      predict = parallel.compile_on_every_process(predict, variables, batch, name="export")
+    predicted = predict(variables, batch)
     shards = sorted(predicted.addressable_shards, key=lambda shard: shard.index[0].start)
     local = np.concatenate([np.asarray(shard.data) for shard in shards])
     for label, image_id, box, valid in zip(local, host_batch["id"], host_batch["crop_box"],

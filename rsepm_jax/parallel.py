@@ -8,6 +8,7 @@ from absl import logging
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import numpy as np
+import orbax.checkpoint as ocp
 
 DATA_AXIS = "data"
 
@@ -49,6 +50,25 @@ def _seconds(name, default):
   if seconds <= 0:
     raise ValueError(f"Environment variable {name}={value!r}: expected a positive number of seconds.")
   return seconds
+
+
+def wait_for_all_processes(name):
+  """Blocks until every process reaches the barrier `name` (no-op on a single process).
+
+  Waits at most `RSEPM_INIT_TIMEOUT` seconds, through the coordination service, not a
+  collective: collectives (gloo on CPU) are set up when all processes first reach them and
+  give up on a process more than 30 s late, as after a slower compilation.
+  """
+  if jax.process_count() > 1:
+    timeout_s = _seconds("RSEPM_INIT_TIMEOUT", 900)
+    ocp.multihost.get_barrier_sync_fn()(key=f"rsepm_{name}", timeout_ms=1000 * timeout_s)
+
+
+def compile_on_every_process(jitted, *args, name):
+  """`jitted.lower(*args).compile()`, returned once every process has compiled it too."""
+  compiled = jitted.lower(*args).compile()
+  wait_for_all_processes(f"compiled_{name}")
+  return compiled
 
 
 def make_mesh():

@@ -150,7 +150,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       if step == start_step + 1:
         compile_start = time.time()
         logging.info("Compiling the train step (every phase at once; about a minute on a laptop CPU).")
-        step_fn = step_fn.lower(state, batch, step_rng).compile()
+        step_fn = parallel.compile_on_every_process(step_fn, state, batch, step_rng,
+                                                    name="train_step")
         logging.info("Compiled in %.0f s.", time.time() - compile_start)
         progress.restart_clock()
       state, measurements = step_fn(state, batch, step_rng)
