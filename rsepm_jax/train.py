@@ -4,6 +4,7 @@ Reads top to bottom: workdir, mesh, input, model and optimiser, checkpoint resto
 step, the loop (progress, checkpoints, evaluations), the final evaluation. Re-running the same
 command resumes from the latest checkpoint in `workdir`, data position included.
 """
+import contextlib
 import json
 import time
 
@@ -144,7 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   step_rng = parallel.replicate(step_rng, mesh)
   pending = []
   logging.info("Training steps %d..%d (%d per epoch).", start_step, total_steps, steps_per_epoch)
-  with preemption.PreemptionWatch() as watch:
+  with preemption.PreemptionWatch() as watch, _name_lost_processes(manager):
     for step in range(start_step + 1, total_steps + 1):
       batch = next(data_iter)
       if step == start_step + 1:
@@ -183,6 +184,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   manager.close()
   write_done(workdir, total_steps, results)
   return results
+
+
+@contextlib.contextmanager
+def _name_lost_processes(manager):
+  """On a multi-process run, says what a failed collective most likely means, then re-raises.
+
+  A killed process shows up first as a collective error in the others ("connection reset by
+  peer"); JAX's coordination service then names it ("Task K heartbeat timeout", task K =
+  process K) and stops every process within RSEPM_HEARTBEAT_TIMEOUT seconds.
+  """
+  try:
+    yield
+  except jax.errors.JaxRuntimeError:
+    if jax.process_count() > 1:
+      logging.error(
+          "A step failed inside a collective: another process has most likely died or lost its "
+          "network. JAX's coordination service names it below ('Task K heartbeat timeout' = "
+          "process K) within RSEPM_HEARTBEAT_TIMEOUT seconds and stops every process. Re-run the "
+          "same command on every host to resume from checkpoint step %s.", manager.latest_step())
+    raise
 
 
 def write_done(workdir, step, results):
