@@ -38,7 +38,8 @@ def upsampled_cam_scores(cams, crop_box, size):
 
 
 def make_eval_step(model, num_classes, thresholds, mesh):
-  """Jitted `(variables, batch) -> {"cam": int32 [T, K, K], "decoder": int32 [K, K]}`."""
+  """Jitted `(variables, batch) -> {"cam": int32 [T, K, K], "decoder": int32 [K, K], "num_images": int32 []}`
+  (summed over the global batch, every host included)."""
   num_labels = num_classes + 1
 
   def eval_step(variables, batch):
@@ -53,6 +54,7 @@ def make_eval_step(model, num_classes, thresholds, mesh):
       logits = image_ops.resize_bilinear(outputs["seg_logits"], size)
       confusions["decoder"] = metrics.confusion_matrix(
           jnp.argmax(logits, axis=-1), gt, num_labels, valid=valid)
+    confusions["num_images"] = jnp.sum(batch["valid"].astype(jnp.int32))  # over every host
     return confusions
 
   return jax.jit(eval_step, out_shardings=parallel.replicated(mesh))
@@ -68,11 +70,11 @@ def evaluate(model, variables, config, mesh, split=None):
   num_images = 0
   for index, host_batch in enumerate(
       pipeline.eval_batches(config.data, split, config.eval.global_batch_size)):
-    num_images += int(np.sum(host_batch["valid"]))
     batch = parallel.to_global({k: v for k, v in host_batch.items() if k != "id"}, mesh)
     if index == 0:
       eval_step = parallel.compile_on_every_process(eval_step, variables, batch, name="eval_step")
     confusions = eval_step(variables, batch)
+    num_images += int(confusions.pop("num_images"))
     for name, value in confusions.items():
       totals[name] = metrics.accumulate(totals.get(name, np.zeros(value.shape, np.int64)), value)
   cam = metrics.best_threshold(totals["cam"], thresholds)
