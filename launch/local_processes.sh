@@ -7,7 +7,7 @@
 #
 # Extra arguments (`--config.x=y` overrides, `--mode=eval`, ...) go unchanged to every process.
 #
-# Logs: process R writes WORKDIR.process_R.log (next to the workdir, whose parent folder is
+# Logs: process R appends to WORKDIR.process_R.log (next to the workdir, whose parent folder is
 #   created). Process 0 alone writes metrics.jsonl, eval/ and config.json into WORKDIR; every
 #   process takes part in the checkpoints in WORKDIR/checkpoints.
 # Preemption: `kill -TERM <pid of this script>` (or Ctrl-C) sends SIGTERM to every process, as a
@@ -73,7 +73,7 @@ for ((rank = 0; rank < num; rank++)); do
     JAX_PLATFORMS=cpu JAX_NUM_CPU_DEVICES="${DEVICES_PER_PROCESS:-2}" \
     JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo \
     python -m rsepm_jax.main --config="$config" --workdir="$workdir" "$@" \
-    </dev/null >"$log" 2>&1 &
+    </dev/null >>"$log" 2>&1 &
   pids+=("$!")
 done
 echo "local_processes.sh: $num processes (pids ${pids[*]}), coordinator localhost:$port;" \
