@@ -132,6 +132,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   state = state_lib.create_train_state(model, tx, config, init_rng, mesh)
 
   # ------------------------------------------------------------------ checkpoint restore
+  parallel.wait_for_all_processes("train_state_ready")  # orbax's first sync is a collective
   manager = checkpoint.make_manager(workdir, max_to_keep=config.train.max_checkpoints)
   if manager.latest_step() is not None:
     logging.info("Resuming from checkpoint step %d in %s.", manager.latest_step(), workdir)
@@ -228,10 +229,11 @@ def restore_for_inference(config, workdir, mesh, step=None):
   model = state_lib.build_model(config, bn_axis_name=parallel.DATA_AXIS)
   _, total_steps = schedule_lengths(config)
   tx = optimizer.make_optimizer(config.optim, total_steps)
-  manager = checkpoint.make_manager(workdir)
-  step = checkpoint.resolve_step(manager, step)
   target = state_lib.create_train_state(
       model, tx, config, state_lib.prng_key(0), mesh, pretrained=False)
+  parallel.wait_for_all_processes("inference_state_ready")  # orbax's first sync is a collective
+  manager = checkpoint.make_manager(workdir)
+  step = checkpoint.resolve_step(manager, step)
   state = checkpoint.restore(manager, step, target)
   manager.close()
   return model, state_lib.eval_variables(state, config.eval.use_ema), step
