@@ -144,9 +144,10 @@ def program_cost(compiled):
   return flops, memory
 
 
-def timed_runs(call, repeats):
+def timed_runs(call, repeats, warm_up=True):
   """Seconds of `repeats` calls of `call()` (blocked on its result), after one warm-up call."""
-  jax.block_until_ready(call())
+  if warm_up:
+    jax.block_until_ready(call())
   runs = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -413,14 +414,28 @@ class Benchmark:
                           f"{config.model.backbone!r}")
     what = (f"{config.model.backbone}, RS (SCG + PAMR), no mix, batch {self.compare_batch} x "
             f"{self.compare_size}px, float32")
-    first_s, torch_runs = torch_train_step_runs(config, self.repeats)  # the quicker half first
+    torch_step = torch_train_step(config)
+    start = time.perf_counter()
+    torch_step()
+    first_s = time.perf_counter() - start
+    setup = TrainSetup(config)
+    compiled, compile_s = compile_fn(setup.step, (setup.state, setup.batch, setup.rng))
+
+    def jax_step():
+      setup.state, metrics = compiled(setup.state, setup.batch, setup.rng)
+      return metrics
+
+    jax.block_until_ready(jax_step())
+    # Alternated run by run, so that a change in the machine's load hits both sides alike.
+    jax_runs, torch_runs = [], []
+    for _ in range(self.repeats):
+      jax_runs += timed_runs(jax_step, 1, warm_up=False)
+      torch_runs += timed_runs(torch_step, 1, warm_up=False)
     torch_row = make_row("compare", f"PyTorch {torch.__version__} train step, same (NCHW, eager)",
                          self.compare_batch, torch_runs,
                          note=f"eager, no compile; first step {first_s:.1f} s")
-    setup = TrainSetup(config)
-    compiled, compile_s, runs = setup.run(self.repeats)
-    jax_row = make_row("compare", f"JAX train step: {what}", self.compare_batch, runs, compile_s,
-                       compiled, mfu=True)
+    jax_row = make_row("compare", f"JAX train step: {what}", self.compare_batch, jax_runs,
+                       compile_s, compiled, mfu=True)
     ratio = jax_row["median_ms"] / torch_row["median_ms"]
     jax_row["note"] = f"JAX / PyTorch step time {ratio:.2f}"
     jax_row["jax_over_torch"] = ratio
@@ -562,8 +577,8 @@ def torch_resnet(name):
   return ResNet({"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}[name])
 
 
-def torch_train_step_runs(config, repeats):
-  """(first step seconds, timed step seconds) of the PyTorch train step on random inputs.
+def torch_train_step(config):
+  """The PyTorch train step on random inputs of the config's shape, as a no-argument callable.
 
   Written from the spec, not from the official code: torchvision's ResNet (random init; when
   torchvision does not import, `_TorchResNet`, the same v1.5 layout), layer4 at stride 1 and
@@ -667,15 +682,7 @@ def torch_train_step_runs(config, repeats):
   std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
   x = (torch.from_numpy(host["image"]).permute(0, 3, 1, 2).float() - mean) / std
   labels = torch.from_numpy(host["labels"])
-  start = time.perf_counter()
-  step(x, labels)
-  first_s = time.perf_counter() - start
-  runs = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    step(x, labels)
-    runs.append(time.perf_counter() - start)
-  return first_s, runs
+  return lambda: step(x, labels)
 
 
 # ----------------------------------------------------------------------------- table and main
