@@ -59,26 +59,6 @@ from rsepm_jax.refine import scg
 
 ALL_ROWS = ("train", "mix", "eval", "pamr", "pamr_torch", "scg", "canny", "epm", "crf", "compare")
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-_ROWS = flags.DEFINE_list("rows", [], f"Rows to run, in this order, from {ALL_ROWS}; empty: all "
-                          "but compare, plus compare when torch imports.")
-_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed runs per row (after one warm-up run).")
-_COMPONENTS_ONLY = flags.DEFINE_bool("components_only", False, "Skip the train/mix/eval rows.")
-_COMPONENT_SIZE = flags.DEFINE_integer("component_size", 512, "Crop size for component rows.")
-_COMPONENT_BATCH = flags.DEFINE_integer("component_batch", 8, "Batch for component rows.")
-_COMPARE_BATCH = flags.DEFINE_integer("compare_batch", 2, "Batch of the JAX/PyTorch comparison.")
-_COMPARE_SIZE = flags.DEFINE_integer("compare_size", 256, "Crop size of the JAX/PyTorch comparison.")
-_MFU = flags.DEFINE_bool("mfu", True, "FLOPs (XLA cost analysis), TFLOP/s and MFU columns.")
-_ISOLATE = flags.DEFINE_bool("isolate", False, "Run every row in its own process, under a timeout.")
-_ROW_TIMEOUT = flags.DEFINE_float("row_timeout_s", 0, "With --isolate: seconds per row (0: none).")
-_TRAIN_TIMEOUT = flags.DEFINE_float("train_timeout_s", 0, "With --isolate: seconds for the train "
-                                    "and compare rows (0: --row_timeout_s).")
-_BUDGET = flags.DEFINE_float("budget_s", 0, "With --isolate: seconds for all rows together; rows "
-                             "that would start past it are skipped (0: no limit).")
-_OUT_DIR = flags.DEFINE_string("out_dir", os.environ.get("OUT", ""), "Folder for benchmark.json "
-                               "and benchmark.md (default $OUT; empty: none).")
-_JSON_OUT = flags.DEFINE_string("json_out", "", "Also write the rows as JSON to this file.")
-
 # Peak dense (non-sparse) bf16 tensor FLOP/s per device, from the vendors' datasheets (NVIDIA
 # H100/H200 and A100 datasheets, Google Cloud TPU system-architecture pages). First substring
 # of the lower-cased `device_kind` that matches wins. A TPU v4/v5p/v6e JAX device is one chip.
@@ -853,5 +833,26 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a program, so that tests can import this module next to
+  # other modules with a --config flag (rsepm_jax.ablate).
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+  _ROWS = flags.DEFINE_list("rows", [], f"Rows to run, in this order, from {ALL_ROWS}; empty: all "
+                            "but compare, plus compare when torch imports.")
+  _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed runs per row (after one warm-up run).")
+  _COMPONENTS_ONLY = flags.DEFINE_bool("components_only", False, "Skip the train/mix/eval rows.")
+  _COMPONENT_SIZE = flags.DEFINE_integer("component_size", 512, "Crop size for component rows.")
+  _COMPONENT_BATCH = flags.DEFINE_integer("component_batch", 8, "Batch for component rows.")
+  _COMPARE_BATCH = flags.DEFINE_integer("compare_batch", 2, "Batch of the JAX/PyTorch comparison.")
+  _COMPARE_SIZE = flags.DEFINE_integer("compare_size", 256, "Crop size of the JAX/PyTorch comparison.")
+  _MFU = flags.DEFINE_bool("mfu", True, "FLOPs (XLA cost analysis), TFLOP/s and MFU columns.")
+  _ISOLATE = flags.DEFINE_bool("isolate", False, "Run every row in its own process, under a timeout.")
+  _ROW_TIMEOUT = flags.DEFINE_float("row_timeout_s", 0, "With --isolate: seconds per row (0: none).")
+  _TRAIN_TIMEOUT = flags.DEFINE_float("train_timeout_s", 0, "With --isolate: seconds for the train "
+                                      "and compare rows (0: --row_timeout_s).")
+  _BUDGET = flags.DEFINE_float("budget_s", 0, "With --isolate: seconds for all rows together; rows "
+                               "that would start past it are skipped (0: no limit).")
+  _OUT_DIR = flags.DEFINE_string("out_dir", os.environ.get("OUT", ""), "Folder for benchmark.json "
+                                 "and benchmark.md (default $OUT; empty: none).")
+  _JSON_OUT = flags.DEFINE_string("json_out", "", "Also write the rows as JSON to this file.")
   jax.config.config_with_absl()
   app.run(main)

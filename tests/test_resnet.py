@@ -143,3 +143,25 @@ def test_names_follow_torchvision():
           "layer1_0/downsample_bn/bias", "layer4_2/conv3/kernel"} <= names
   assert "layer1_1/downsample_conv/kernel" not in names
   assert set(variables["batch_stats"]["layer2_3"]["bn2"]) == {"mean", "var"}
+
+
+def test_cpu_conv_gradients_match_xla():
+  """The CPU conv (kernel gradient as a matmul over the taps) gives XLA's gradients up to float
+  summation order."""
+  rng = np.random.default_rng(0)
+  for size, kernel, stride, dilation in ((9, 3, 1, 1), (9, 3, 2, 1), (8, 1, 2, 1), (11, 7, 2, 1),
+                                         (10, 3, 1, 2)):
+    pad = ((dilation * (kernel // 2),) * 2,) * 2
+    x = jnp.asarray(rng.normal(size=(2, size, size, 5)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, 5, 7)), jnp.float32)
+
+    def loss(conv, x, w):
+      return jnp.sum(jnp.sin(conv(x, w)))
+
+    xla = jax.grad(lambda x, w: loss(lambda a, b: lax.conv_general_dilated(
+        a, b, (stride, stride), pad, rhs_dilation=(dilation, dilation),
+        dimension_numbers=("NHWC", "HWIO", "NHWC")), x, w), (0, 1))(x, w)
+    ours = jax.jit(jax.grad(lambda x, w: loss(lambda a, b: resnet.cpu_conv(
+        a, b, (stride, stride), pad, rhs_dilation=(dilation, dilation)), x, w), (0, 1)))(x, w)
+    np.testing.assert_allclose(ours[0], xla[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours[1], xla[1], rtol=1e-5, atol=1e-4)
