@@ -3,7 +3,7 @@
 - Two hosts (2 processes x 2 CPU devices, jax.distributed over localhost, gloo collectives)
   train, are preempted (SIGTERM to one process), resume, evaluate and export; the result equals
   one process with 4 devices.
-- A single process killed with SIGKILL, or stopped with SIGTERM, then re-run, ends bit-identical
+- A single process stopped with SIGTERM, re-run, killed with SIGKILL, re-run, ends bit-identical
   to an uninterrupted run: parameters, optimiser state, EMA, BN statistics and data position.
 - A killed process makes the other stop with an error naming it, within the heartbeat timeout.
 
@@ -143,50 +143,40 @@ def _assert_bit_identical(state_a, state_b):
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
 
-def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(tmp_path, reference):
+def test_sigterm_then_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(tmp_path, reference):
   ref_dir, ref_state = reference
   workdir = tmp_path / "run"
+  # SIGTERM once the first step is done: the step it stops at is saved, and the process exits 0.
   run = _one_process(workdir)
-  kill_after = random.Random().randint(2, 3)  # a random step after the step-1 checkpoint
-  _wait_for_step(workdir, kill_after, run)
-  run.send_signal(signal.SIGKILL)
-  run.wait()
-  saved = checkpoint.make_manager(workdir).latest_step()
-  assert saved is not None and 1 <= saved < TOTAL_STEPS
+  _wait_for_step(workdir, 1, run)
+  run.send_signal(signal.SIGTERM)
+  returncode, _ = _finish(run)
+  assert returncode == 0
+  stopped = int(re.search(r"Preempted at step (\d+): checkpoint saved", _log(f"{workdir}.log")).group(1))
+  assert checkpoint.make_manager(workdir).latest_step() == stopped < TOTAL_STEPS
   assert not (workdir / "done.json").exists()
 
+  # Re-run, then SIGKILL at a random later step, after at least one more checkpoint.
+  run = _one_process(workdir)
+  _wait_for_step(workdir, random.Random().randint(stopped + 1, TOTAL_STEPS - 1), run)
+  run.send_signal(signal.SIGKILL)
+  run.wait()
+  assert f"Resuming from checkpoint step {stopped}" in _log(f"{workdir}.log")
+  killed_after = checkpoint.make_manager(workdir).latest_step()
+  assert stopped <= killed_after < TOTAL_STEPS
+  assert not (workdir / "done.json").exists()
+
+  # Re-run to the end: the same state as the uninterrupted run, bit for bit.
   returncode, _ = _finish(_one_process(workdir))
   assert returncode == 0, _log(f"{workdir}.log")[-3000:]
-  assert f"Resuming from checkpoint step {saved}" in _log(f"{workdir}.log")
+  assert f"Resuming from checkpoint step {killed_after}" in _log(f"{workdir}.log")
   step, state = _restore_latest(_config(), workdir)
   assert step == TOTAL_STEPS
   _assert_bit_identical(ref_state, state)
   assert _data_position(workdir, TOTAL_STEPS) == _data_position(ref_dir, TOTAL_STEPS)
   assert json.loads((workdir / "done.json").read_text())["step"] == TOTAL_STEPS
-  # Steps replayed after the kill re-log the same losses as the uninterrupted run.
+  # Steps replayed after the kill log the same losses as the uninterrupted run.
   assert _losses(workdir) == _losses(ref_dir)
-
-
-def test_sigterm_saves_exits_zero_and_the_rerun_is_bit_identical(tmp_path, reference):
-  ref_dir, ref_state = reference
-  workdir = tmp_path / "run"
-  run = _one_process(workdir)
-  _wait_for_step(workdir, random.Random().randint(1, 3), run)
-  run.send_signal(signal.SIGTERM)
-  returncode, _ = _finish(run)
-  assert returncode == 0
-  stopped = int(re.search(r"Preempted at step (\d+): checkpoint saved", _log(f"{workdir}.log")).group(1))
-  assert checkpoint.make_manager(workdir).latest_step() == stopped
-  if stopped < TOTAL_STEPS:
-    assert not (workdir / "done.json").exists()
-
-  returncode, _ = _finish(_one_process(workdir))
-  assert returncode == 0, _log(f"{workdir}.log")[-3000:]
-  step, state = _restore_latest(_config(), workdir)
-  assert step == TOTAL_STEPS
-  _assert_bit_identical(ref_state, state)
-  assert _data_position(workdir, TOTAL_STEPS) == _data_position(ref_dir, TOTAL_STEPS)
-  assert (workdir / "done.json").exists()
 
 
 def test_two_processes_preempted_resumed_and_exported_match_one_process(tmp_path, reference):
