@@ -66,16 +66,8 @@ on_signal() {
 trap 'on_signal SIGINT' INT
 trap 'on_signal SIGTERM' TERM
 
-# The exit status of child $1, even when a trapped signal interrupts `wait`.
-wait_for() {
-  local pid="$1" rc
-  while true; do
-    wait "$pid" && rc=0 || rc=$?
-    if ((rc <= 128)) || ! kill -0 "$pid" 2>/dev/null; then break; fi
-  done
-  if ((rc > 128)); then wait "$pid" && rc=0 || rc=$?; fi
-  return "$rc"
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # wait_for
 
 attempt=0; failures=0
 while true; do

@@ -56,16 +56,8 @@ RUN_DIR=rsepm_run       # pid, exit status, run id and logs of the current run
 PASS_ENV="RSEPM_INIT_TIMEOUT RSEPM_HEARTBEAT_TIMEOUT RSEPM_SHUTDOWN_TIMEOUT RSEPM_PYTHON
 RSEPM_SETUP_PYTHON XLA_FLAGS LIBTPU_INIT_ARGS"
 
-# The exit status of child $1, even when a trapped signal interrupts `wait`.
-wait_for() {
-  local pid="$1" rc
-  while true; do
-    wait "$pid" && rc=0 || rc=$?
-    if ((rc <= 128)) || ! kill -0 "$pid" 2>/dev/null; then break; fi
-  done
-  if ((rc > 128)); then wait "$pid" && rc=0 || rc=$?; fi
-  return "$rc"
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # wait_for
 
 # ---------------------------------------------------------------------------------------------
 # Worker side: `bash ~/rsepm_jax_src/launch/tpu_pod.sh _setup|_start|_run|_status|_stop`, run on

@@ -60,6 +60,13 @@ def make_eval_step(model, num_classes, thresholds, mesh):
   return jax.jit(eval_step, out_shardings=parallel.replicated(mesh))
 
 
+def device_eval_batches(config, split, mesh):
+  """Yields `(host batch, global batch)` for every eval batch of `split` (the global one without
+  the host-side `id`)."""
+  for host_batch in pipeline.eval_batches(config.data, split, config.eval.global_batch_size):
+    yield host_batch, parallel.to_global({k: v for k, v in host_batch.items() if k != "id"}, mesh)
+
+
 def evaluate(model, variables, config, mesh, split=None):
   """Scores `variables` on `split` (default `config.data.eval_split`); returns a results dict."""
   split = split or config.data.eval_split
@@ -68,9 +75,7 @@ def evaluate(model, variables, config, mesh, split=None):
   parallel.local_batch_size(config.eval.global_batch_size, "config.eval.global_batch_size")
   totals = {}
   num_images = 0
-  for index, host_batch in enumerate(
-      pipeline.eval_batches(config.data, split, config.eval.global_batch_size)):
-    batch = parallel.to_global({k: v for k, v in host_batch.items() if k != "id"}, mesh)
+  for index, (_, batch) in enumerate(device_eval_batches(config, split, mesh)):
     if index == 0:
       eval_step = parallel.compile_on_every_process(eval_step, variables, batch, name="eval_step")
     confusions = eval_step(variables, batch)

@@ -18,7 +18,6 @@ from rsepm_jax import metrics
 from rsepm_jax import parallel
 from rsepm_jax import train
 from rsepm_jax.data import classes
-from rsepm_jax.data import pipeline
 from rsepm_jax.train_step import model_inputs
 
 
@@ -48,9 +47,7 @@ def export_pseudo_labels(config, workdir, step=None, split=None):
   out_dir.mkdir(parents=True, exist_ok=True)
   palette = classes.color_palette().reshape(-1).tolist()
   written = 0
-  for index, host_batch in enumerate(
-      pipeline.eval_batches(config.data, split, config.eval.global_batch_size)):
-    batch = parallel.to_global({k: v for k, v in host_batch.items() if k != "id"}, mesh)
+  for index, (host_batch, batch) in enumerate(evaluate.device_eval_batches(config, split, mesh)):
     if index == 0:
       predict = parallel.compile_on_every_process(predict, variables, batch, name="export")
     predicted = predict(variables, batch)
