@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import demo
+from rsepm_jax.configs import demo
 from rsepm_jax import ablate
 from rsepm_jax.refine import recurseed
 

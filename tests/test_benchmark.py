@@ -2,7 +2,7 @@
 import json
 import math
 
-from configs import demo
+from rsepm_jax.configs import demo
 from rsepm_jax import benchmark
 
 ROWS = ("train", "mix", "eval", "pamr", "scg", "canny", "epm", "crf")

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from configs import coco
-from configs import demo
-from configs import voc
+from rsepm_jax.configs import coco
+from rsepm_jax.configs import demo
+from rsepm_jax.configs import voc
 from rsepm_jax.data import pipeline
 from tests import test_voc
 

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from configs import demo
+from rsepm_jax.configs import demo
 from rsepm_jax import checkpoint
 from rsepm_jax import export
 from rsepm_jax import optimizer

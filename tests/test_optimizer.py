@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import demo
+from rsepm_jax.configs import demo
 from rsepm_jax import optimizer
 from rsepm_jax import state as state_lib
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import demo
+from rsepm_jax.configs import demo
 from rsepm_jax import metric_writer
 from rsepm_jax import optimizer
 from rsepm_jax import parallel

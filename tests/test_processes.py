@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import demo
+from rsepm_jax.configs import demo
 from rsepm_jax import checkpoint
 from test_train import _restore_latest  # pylint: disable=g-bad-import-order
 

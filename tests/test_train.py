@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import demo
+from rsepm_jax.configs import demo
 from rsepm_jax import checkpoint
 from rsepm_jax import metric_writer
 from rsepm_jax import optimizer

@@ -3,7 +3,7 @@ import jax
 from jax.sharding import Mesh
 import numpy as np
 
-from configs import demo
+from rsepm_jax.configs import demo
 from rsepm_jax import optimizer
 from rsepm_jax import parallel
 from rsepm_jax import state as state_lib

@@ -1,0 +1,1 @@
+"""Configs: demo (synthetic data), voc, coco; each `get_config(arg)` selects a variant."""
