@@ -15,10 +15,12 @@ from rsepm_jax.models import resnet
 from rsepm_jax.models import rsepm
 
 RESNET50_STAGES = (3, 4, 6, 3)
+RESNET101_STAGES = (3, 4, 23, 3)
 
 
-def _torchvision_resnet50_state_dict(seed):
-  """Random weights under torchvision's exact ResNet-50 keys and OIHW shapes, `fc` included.
+def _torchvision_resnet50_state_dict(seed, stages=RESNET50_STAGES, base_width=64):
+  """Random weights under torchvision's exact ResNet-50 keys and OIHW shapes, `fc` included
+  (`stages=RESNET101_STAGES` for ResNet-101's keys; a small `base_width` for small arrays).
 
   He-scaled kernels, running_var in [0.5, 1.5] and small bn3 scales keep the 16 residual
   additions from blowing activations up.
@@ -38,11 +40,11 @@ def _torchvision_resnet50_state_dict(seed):
     state_dict[f"{key}.running_var"] = rng.uniform(0.5, 1.5, channels).astype(np.float32)
     state_dict[f"{key}.num_batches_tracked"] = np.array(100, np.int64)
 
-  conv("conv1", 64, 3, 7)
-  bn("bn1", 64)
-  in_channels = 64
-  for stage, num_blocks in enumerate(RESNET50_STAGES):
-    width = 64 * 2**stage
+  conv("conv1", base_width, 3, 7)
+  bn("bn1", base_width)
+  in_channels = base_width
+  for stage, num_blocks in enumerate(stages):
+    width = base_width * 2**stage
     for block in range(num_blocks):
       prefix = f"layer{stage + 1}.{block}"
       conv(f"{prefix}.conv1", width, in_channels, 1)
@@ -55,7 +57,7 @@ def _torchvision_resnet50_state_dict(seed):
         conv(f"{prefix}.downsample.0", 4 * width, in_channels, 1)
         bn(f"{prefix}.downsample.1", 4 * width)
       in_channels = 4 * width
-  state_dict["fc.weight"] = rng.normal(0, 0.01, (1000, 2048)).astype(np.float32)
+  state_dict["fc.weight"] = rng.normal(0, 0.01, (1000, in_channels)).astype(np.float32)
   state_dict["fc.bias"] = np.zeros(1000, np.float32)
   return state_dict
 
@@ -209,3 +211,57 @@ def test_bad_paths_give_clear_errors(tmp_path):
     (tmp_path / "resnet50.pth").write_bytes(b"")
     with pytest.raises(ImportError, match=r"resnet50\.pth.*safetensors"):
       convert.load_state_dict(tmp_path / "resnet50.pth")
+
+
+@pytest.mark.parametrize("stages,depth,message", [
+    (RESNET101_STAGES, 50, r"this looks like a ResNet-101 checkpoint \(config\.model\.backbone=resnet50\)"),
+    (RESNET50_STAGES, 101, r"this looks like a ResNet-50 checkpoint \(config\.model\.backbone=resnet101\)"),
+])
+def test_depth_mismatch_names_the_checkpoint_depth(stages, depth, message, tmp_path):
+  state_dict = _torchvision_resnet50_state_dict(seed=0, stages=stages, base_width=1)
+  with pytest.raises(ValueError, match=message) as error:
+    convert.from_torchvision(state_dict, depth)
+  assert len(str(error.value)) < 600  # names the depth instead of listing the 100+ keys
+  path = tmp_path / "weights.safetensors"
+  safetensors.numpy.save_file(state_dict, str(path))
+  with pytest.raises(ValueError, match=message):
+    convert.load_backbone_variables(path, depth)
+
+
+def test_depth_mismatch_of_a_converted_npz(converted, tmp_path):
+  path = tmp_path / "resnet50.npz"
+  np.savez(path, **_flat(converted))
+  with pytest.raises(ValueError, match=r"resnet50\.npz: this looks like a ResNet-50 checkpoint"):
+    convert.load_backbone_variables(path, 101)
+
+
+def test_wrapped_state_dicts_are_unwrapped(state_dict):
+  for wrapper in ("state_dict", "model"):
+    assert convert.unwrap_state_dict({wrapper: state_dict, "epoch": 90}, "x.pth") is state_dict
+  assert convert.unwrap_state_dict({**state_dict, "epoch": 90}, "x.pth").keys() == state_dict.keys()
+  with pytest.raises(ValueError, match=r"x\.pth holds no weights.*'epoch', 'optimizer'"):
+    convert.unwrap_state_dict({"optimizer": {"lr": 0.1}, "epoch": 90}, "x.pth")
+
+
+@pytest.mark.parametrize("wrapper", ["state_dict", "model"])
+def test_wrapped_pth_loads(state_dict, converted, wrapper, tmp_path):
+  torch = pytest.importorskip("torch")
+  path = tmp_path / "checkpoint.pth"
+  tensors = {f"module.{k}": torch.from_numpy(v) for k, v in state_dict.items()}
+  torch.save({wrapper: tensors, "epoch": 90}, str(path))
+  loaded = convert.load_backbone_variables(path, 50)
+  for key, value in _flat(converted).items():
+    np.testing.assert_array_equal(_flat(loaded)[key], value)
+
+
+def test_cli_safetensors_output_drops_fc_and_loads_back(state_dict, converted, tmp_path):
+  src, dst = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+  safetensors.numpy.save_file({f"model.{k}": v for k, v in state_dict.items()}, str(src))
+  convert.convert_file(str(src), str(dst), 50)
+  written = safetensors.numpy.load_file(str(dst))
+  assert "fc.weight" not in written and "conv1.weight" in written
+  assert not any(k.endswith("num_batches_tracked") for k in written)
+  for key, value in written.items():
+    np.testing.assert_array_equal(value, state_dict[key])
+  for key, value in _flat(convert.load_backbone_variables(dst, 50)).items():
+    np.testing.assert_array_equal(value, _flat(converted)[key])

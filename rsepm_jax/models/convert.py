@@ -2,14 +2,18 @@
 
 RS+EPM starts from torchvision's `resnet50-19c8e357.pth` / `resnet101-5d3b4d8f.pth`, loaded
 with `strict=False` so that `fc` is dropped. Here missing keys and shape mismatches are errors
-and unexpected keys (`fc.*`) are reported.
+(a ResNet-101 checkpoint for a ResNet-50 is named as such) and unexpected keys (`fc.*`) are
+reported. `.pth` files need PyTorch (`pip install .[torch]`); convert them once where it is
+installed and use the result anywhere.
 
-Command line (writes an `.npz` of flattened variables, "params/layer1_0/conv1/kernel"):
+Command line (DST `.npz`: flattened variables, "params/layer1_0/conv1/kernel"; DST
+`.safetensors`: the torchvision keys without `fc`):
 
-  python -m rsepm_jax.models.convert resnet50.safetensors resnet50.npz --depth 50
+  python -m rsepm_jax.models.convert resnet50.pth resnet50.safetensors --depth 50
 """
 import functools
 import io
+import re
 
 from absl import app
 from absl import flags
@@ -34,6 +38,13 @@ _LEAF_NAMES = {
 }
 _MODULE_NAMES = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}
 _KEY_PREFIXES = ("module.", "model.")  # DataParallel / wrapper prefixes to strip
+_WRAPPER_KEYS = ("state_dict", "model")  # training checkpoints: {"state_dict": {...}, "epoch": ...}
+# torchvision depth by (bottleneck blocks, blocks per stage), to name a checkpoint's depth.
+_TORCHVISION_DEPTHS = {
+    (False, (2, 2, 2, 2)): 18, (False, (3, 4, 6, 3)): 34, (True, (3, 4, 6, 3)): 50,
+    (True, (3, 4, 23, 3)): 101, (True, (3, 8, 36, 3)): 152}
+_BLOCK_KEY = re.compile(r"(?:^|[./])layer([1-4])[._](\d+)[./]")
+_MAX_LISTED = 10  # keys or variables named in an error
 
 
 def torchvision_key(collection, path):
@@ -72,6 +83,44 @@ def expected_torchvision_shapes(depth):
   return expected
 
 
+def _listed(names):
+  """At most `_MAX_LISTED` of `names` for an error message."""
+  more = f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else ""
+  return f"{list(names[:_MAX_LISTED])}{more}"
+
+
+def stage_sizes(keys):
+  """Blocks per stage (4 ints) read from checkpoint or variable names; 0 for an absent stage.
+
+  "layer3.22.conv1.weight" (torchvision) and "params/layer3_22/conv1/kernel" (converted) both
+  count as block 22 of stage 3.
+  """
+  sizes = [0, 0, 0, 0]
+  for key in keys:
+    match = _BLOCK_KEY.search(key)
+    if match:
+      stage, block = int(match.group(1)) - 1, int(match.group(2))
+      sizes[stage] = max(sizes[stage], block + 1)
+  return tuple(sizes)
+
+
+def check_depth(keys, depth, where):
+  """Raises ValueError naming the checkpoint's depth when its blocks are not ResNet-`depth`'s
+  (bottleneck blocks, `resnet.STAGE_SIZES[depth]` per stage)."""
+  sizes = stage_sizes(keys)
+  bottleneck = any("conv3" in key for key in keys)
+  if not any(sizes) or (bottleneck, sizes) == (True, resnet.STAGE_SIZES[depth]):
+    return
+  found = _TORCHVISION_DEPTHS.get((bottleneck, sizes))
+  looks_like = f"a ResNet-{found}" if found else "an unknown ResNet"
+  raise ValueError(
+      f"{where}: this looks like {looks_like} checkpoint (config.model.backbone=resnet{depth}): "
+      f"{'bottleneck' if bottleneck else 'basic'} blocks per stage {sizes}, ResNet-{depth} has "
+      f"bottleneck blocks {resnet.STAGE_SIZES[depth]}. Use ResNet-{depth} weights or set "
+      "config.model.backbone to the checkpoint's depth (resnet50 | resnet101; --depth for "
+      "`python -m rsepm_jax.models.convert`).")
+
+
 def compare_keys(state_dict, depth):
   """(missing, unexpected) torchvision keys of `state_dict` for `resnet(depth)`, sorted.
 
@@ -88,11 +137,12 @@ def from_torchvision(state_dict, depth):
   Returns {"params": ..., "batch_stats": ...} of float32 numpy arrays. Missing keys and shape
   mismatches raise ValueError; unexpected keys (e.g. `fc.*`) are logged and dropped.
   """
+  check_depth(state_dict, depth, "torchvision state dict")
   missing, unexpected = compare_keys(state_dict, depth)
   if missing:
-    raise ValueError(f"ResNet-{depth} state dict lacks {len(missing)} keys: {missing}")
+    raise ValueError(f"ResNet-{depth} state dict lacks {len(missing)} keys: {_listed(missing)}")
   if any(not k.startswith("fc.") for k in unexpected):
-    logging.warning("Dropped %d unexpected keys: %s", len(unexpected), unexpected)
+    logging.warning("Dropped %d unexpected keys: %s", len(unexpected), _listed(unexpected))
   elif unexpected:
     logging.info("Dropped the ImageNet classifier: %s", unexpected)
   flat = {}
@@ -114,16 +164,31 @@ def _strip_key_prefix(state_dict):
   return state_dict
 
 
+def unwrap_state_dict(checkpoint, path):
+  """The state dict of a training checkpoint `{"state_dict": {...}, ...}` or `{"model": {...}}`;
+  a plain state dict is returned as it is."""
+  for key in _WRAPPER_KEYS:
+    if isinstance(checkpoint.get(key), dict):
+      logging.info("%s: reading the weights under %r.", path, key)
+      return checkpoint[key]
+  tensors = {k: v for k, v in checkpoint.items() if hasattr(v, "shape")}
+  if not tensors:
+    raise ValueError(f"{path} holds no weights: its top-level keys are {_listed(sorted(checkpoint))}, "
+                     f"expected tensors or one of {list(_WRAPPER_KEYS)} holding them.")
+  return tensors
+
+
 def _load_torch_checkpoint(path):
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError(
-        f"Reading {path} needs PyTorch, which is not installed: install torch, or convert "
-        "the checkpoint to .safetensors (e.g. the timm `resnet50.tv_in1k` files).") from e
-  state_dict = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu",
-                          weights_only=True)
-  return {k: v.detach().cpu().numpy() for k, v in state_dict.items()}
+        f"Reading {path} needs PyTorch, which is not installed: `pip install .[torch]` (or "
+        "torch), or convert it once where PyTorch is installed (`python -m "
+        "rsepm_jax.models.convert resnet50.pth resnet50.safetensors`), or use the timm "
+        "`resnet50.tv_in1k` .safetensors files.") from e
+  checkpoint = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
+  return {k: v.detach().cpu().numpy() for k, v in unwrap_state_dict(checkpoint, path).items()}
 
 
 def load_state_dict(path):
@@ -152,7 +217,8 @@ def _check_same_shapes(expected, given, where):
   given = traverse_util.flatten_dict(given, sep="/")
   missing, extra = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
   if missing or extra:
-    raise ValueError(f"{where}: missing variables {missing}, unexpected variables {extra}.")
+    raise ValueError(f"{where}: {len(missing)} missing variables {_listed(missing)}, "
+                     f"{len(extra)} unexpected variables {_listed(extra)}.")
   for name, leaf in expected.items():
     if tuple(given[name].shape) != tuple(leaf.shape):
       raise ValueError(f"Shape mismatch for {where}/{name}: weights have "
@@ -164,6 +230,7 @@ def load_backbone_variables(path, depth):
   arrays = load_state_dict(path)
   if epath.Path(path).suffix != ".npz":
     return from_torchvision(arrays, depth)
+  check_depth(arrays, depth, str(path))
   variables = traverse_util.unflatten_dict(arrays, sep="/")
   _check_same_shapes(abstract_variables(depth), variables, str(path))
   return variables
@@ -186,15 +253,23 @@ def load_into(variables, path, depth):
 
 
 def convert_file(src, dst, depth=50):
-  """Converts the torchvision checkpoint `src` to an `.npz` of flattened variables at `dst`."""
+  """Converts the torchvision checkpoint `src` to `dst`: an `.npz` of flattened variables, or a
+  `.safetensors` of the torchvision keys the model uses (no PyTorch needed to read either)."""
   state_dict = load_state_dict(src)
   missing, unexpected = compare_keys(state_dict, depth)
   print(f"Missing keys ({len(missing)}): {missing}")
   print(f"Unexpected keys, dropped ({len(unexpected)}): {unexpected}")
   variables = from_torchvision(state_dict, depth)
-  buffer = io.BytesIO()
-  np.savez(buffer, **traverse_util.flatten_dict(variables, sep="/"))
-  epath.Path(dst).write_bytes(buffer.getvalue())
+  dst = epath.Path(dst)
+  if dst.suffix == ".safetensors":
+    dst.write_bytes(safetensors.numpy.save(
+        {key: np.asarray(state_dict[key], np.float32) for key in expected_torchvision_shapes(depth)}))
+  elif dst.suffix == ".npz":
+    buffer = io.BytesIO()
+    np.savez(buffer, **traverse_util.flatten_dict(variables, sep="/"))
+    dst.write_bytes(buffer.getvalue())
+  else:
+    raise ValueError(f"Unsupported output {dst}: expected .npz or .safetensors.")
   print(f"Wrote ResNet-{depth} variables to {dst}")
 
 
