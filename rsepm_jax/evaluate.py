@@ -17,8 +17,9 @@ import numpy as np
 from rsepm_jax import image_ops
 from rsepm_jax import metrics
 from rsepm_jax import parallel
+from rsepm_jax.data import classes
 from rsepm_jax.data import pipeline
-from rsepm_jax.data import sources
+from rsepm_jax.data import synthetic
 from rsepm_jax.train_step import model_inputs
 
 
@@ -95,8 +96,18 @@ def evaluate(model, variables, config, mesh, split=None):
 
 
 def class_names(config):
-  names = getattr(sources.make_source(config.data, config.data.eval_split), "class_names", None)
-  return ("background",) + tuple(names or (f"class_{i}" for i in range(1, config.data.num_classes + 1)))
+  """("background", C foreground names) of `config.data`: VOC and COCO names (data/classes.py;
+  for `array_record` by `data.dataset`), the synthetic shapes, else class_1..class_C."""
+  data = config.data
+  dataset = data.dataset if data.name == "array_record" else data.name
+  if dataset == "synthetic":
+    names = synthetic.CLASS_NAMES[:data.num_classes]
+  else:
+    names = classes.CLASS_NAMES.get(dataset) or [f"class_{i}" for i in range(1, data.num_classes + 1)]
+  if len(names) != data.num_classes:
+    raise ValueError(f"config.data.num_classes={data.num_classes}, but dataset {dataset!r} has "
+                     f"{len(names)} classes (rsepm_jax/data/classes.py).")
+  return ("background",) + tuple(names)
 
 
 def report(results, config, workdir, step):
@@ -112,7 +123,8 @@ def report(results, config, workdir, step):
   if jax.process_index() == 0:
     out_dir = epath.Path(workdir) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"step_{step}.json").write_text(json.dumps(_jsonable(results), indent=2))
+    (out_dir / f"step_{step}.json").write_text(
+        json.dumps(_jsonable({**results, "class_names": names}), indent=2))
 
 
 def _jsonable(value):

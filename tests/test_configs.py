@@ -1,7 +1,14 @@
-"""configs/voc.py and configs/coco.py: same knobs as demo.py, and they read real data layouts."""
+"""configs/voc.py and configs/coco.py: same knobs as demo.py, smoke variants that run every
+phase, the real data layouts, and class names in the results."""
+import json
+import logging
+
 import numpy as np
 import pytest
 
+from rsepm_jax import evaluate
+from rsepm_jax import metrics
+from rsepm_jax import train_step
 from rsepm_jax.configs import coco
 from rsepm_jax.configs import demo
 from rsepm_jax.configs import voc
@@ -26,6 +33,19 @@ def test_every_variant_has_exactly_the_demo_knobs(module, variants):
     assert _keys(module.get_config(variant)) == demo_keys
 
 
+@pytest.mark.parametrize("module", [voc, coco, demo])
+def test_smoke_schedule_switches_every_phase_on(module):
+  config = module.get_config("smoke")
+  loss = config.loss
+  phases = [(bool(epoch >= loss.rs_start_epoch), bool(train_step.mix_phase_on(epoch, loss)))
+            for epoch in range(config.train.num_epochs)]
+  assert phases[0] == (False, False)  # CAM only
+  assert phases[-1] == (True, True)  # RecurSeed and mixing
+  if module is not demo:  # the demo's smoke (what the tests run) starts both at once
+    assert phases == [(False, False), (True, False), (True, True)]
+    assert config.data.num_workers == 2
+
+
 def test_paper_settings():
   config = voc.get_config()
   assert (config.data.train_split, config.data.num_classes, config.data.crop_size) == ("train_aug", 20, 512)
@@ -34,6 +54,47 @@ def test_paper_settings():
   assert (config.loss.rs_start_epoch, config.loss.mix_start_epoch) == (5, 15)
   assert coco.get_config().data.num_classes == 80
   assert voc.get_config("r101").model.backbone == "resnet101"
+  assert voc.get_config().export.split == "train_aug"
+  assert coco.get_config().export.split == coco.get_config().data.train_split == "train2014"
+  assert coco.get_config("smoke").data.eval_size == 640  # COCO images are up to 640 px
+
+
+def _array_record(module):
+  config = module.get_config()
+  config.data.name = "array_record"
+  return config
+
+
+@pytest.mark.parametrize("make_config,names", [
+    (voc.get_config, ("aeroplane", "bicycle", "bird", "tvmonitor", 20)),
+    (lambda: _array_record(voc), ("aeroplane", "bicycle", "bird", "tvmonitor", 20)),
+    (coco.get_config, ("person", "bicycle", "car", "toothbrush", 80)),
+    (lambda: _array_record(coco), ("person", "bicycle", "car", "toothbrush", 80)),
+    (demo.get_config, ("disc", "square", "triangle", "cross", 6)),
+])
+def test_results_name_the_classes(make_config, names, tmp_path, caplog):
+  config = make_config()
+  *first_three, last, num_classes = names
+  expected = evaluate.class_names(config)
+  assert (len(expected), expected[:4], expected[-1]) == (
+      num_classes + 1, ("background", *first_three), last)
+  confusion = np.random.default_rng(0).integers(0, 50, (num_classes + 1,) * 2)
+  scores = metrics.segmentation_scores(confusion)
+  results = {"split": "val", "num_images": 3, "cam": {**scores, "threshold": 0.3},
+             "decoder": scores, "all_background_miou": 0.1}
+  with caplog.at_level(logging.INFO):
+    evaluate.report(results, config, str(tmp_path), step=7)
+  assert f"\n{last} " in caplog.text and "class_1" not in caplog.text
+  saved = json.loads((tmp_path / "eval" / "step_7.json").read_text())
+  assert saved["class_names"] == list(expected)
+  assert len(saved["decoder"]["iou"]) == num_classes + 1
+
+
+def test_class_count_mismatch_names_the_key():
+  config = voc.get_config()
+  config.data.num_classes = 21
+  with pytest.raises(ValueError, match=r"config\.data\.num_classes=21.*'voc' has 20 classes"):
+    evaluate.class_names(config)
 
 
 @pytest.mark.parametrize("module", [voc, coco, demo])

@@ -7,8 +7,10 @@ Masks are made once from the instances JSON (needs pycocotools):
   python -m rsepm_jax.main --config=configs/coco.py \
       --config.data.root=/data/coco2014 --workdir=/ckpt/rsepm_coco
 
-Variants (`--config=configs/coco.py:VARIANT`): (none) ResNet-50; r101 ResNet-101; smoke a tiny
-ResNet on 64 px crops for checking a data set-up. Every knob is described in rsepm_jax/configs/demo.py.
+Variants (`--config=configs/coco.py:VARIANT`): (none) ResNet-50; r101 ResNet-101; smoke the
+COCO reader with a tiny ResNet on 64 px crops and 2 workers, 3 epochs (CAM only, + RecurSeed,
++ EdgePredictMix) then the evaluation, for checking a data set-up on a few images (as voc.py's).
+Every knob is described in rsepm_jax/configs/demo.py.
 """
 from rsepm_jax.configs import voc
 
@@ -26,8 +28,9 @@ def get_config(arg=None):
   config.data.num_classes = 80
   config.data.mask_dir = "masks"
   config.data.dataset = "coco"
+  config.data.eval_size = 640  # COCO images are at most 640 x 640
+  config.export.split = "train2014"  # pseudo labels for the segmentation network's training
   if variant != "smoke":
-    config.data.eval_size = 640  # COCO images are at most 640 x 640
     config.train.num_epochs = 10  # 5,130 steps per epoch at batch 16
     config.train.checkpoint_every = 2000
     config.loss.rs_start_epoch = 2

@@ -11,7 +11,9 @@ On a TPU pod or several GPU hosts see launch/; e.g. with ArrayRecord data in a b
 Variants (`--config=configs/voc.py:VARIANT`):
   (none)  ResNet-50, OS16, 512 crops, global batch 16, 30 epochs (spec 6.3, 7.2 suggestions).
   r101    ResNet-101.
-  smoke   the same pipeline on 64 px crops with a tiny ResNet, for checking a data set-up.
+  smoke   the same readers, a tiny ResNet on 64 px crops, 2 workers: 3 epochs, CAM only, then
+          RecurSeed, then EdgePredictMix, then the evaluation; for checking a data set-up on a
+          few images (a full VOC epoch is 1,322 steps at this batch).
 
 ImageNet weights: `--config.model.init_from=/weights/resnet50.pth` (or a .safetensors; see
 `python -m rsepm_jax.models.convert`). Every knob is described in rsepm_jax/configs/demo.py.
@@ -70,19 +72,34 @@ def get_config(arg=None):
   config.mix.kind = "epm"
 
   config.eval.global_batch_size = 16
+  # The split WSSS pipelines train their segmentation network on: pseudo labels of train_aug.
+  config.export.split = "train_aug"
 
   if variant == "r101":
     config.model.backbone = "resnet101"
   if variant == "smoke":
+    # eval_size stays 512: the readers and the padding of full-size VOC images are exercised.
     config.data.crop_size = 64
     config.data.resize_range = (48, 80)
+    config.data.num_workers = 2
+    config.data.read_threads = 2
+    config.data.prefetch_buffer_size = 16
     config.model.backbone = "tiny"
     config.model.decoder_channels = 16
     config.model.low_level_channels = 16
     config.model.aspp_dilations = (1, 2, 3)
     config.model.dtype = "float32"
     config.train.global_batch_size = 8
-    config.train.num_epochs = 1
+    # One phase per epoch: CAM only, + RecurSeed, + mixing. A 16-image train split gives 2 steps
+    # per epoch; every step is logged, a checkpoint is written after the RecurSeed epoch.
+    config.train.num_epochs = 3
+    config.train.log_every = 1
+    config.train.checkpoint_every = 4
+    config.loss.rs_start_epoch = 1
+    config.loss.mix_start_epoch = 2
+    # A fresh decoder's softmax falls between the confidence thresholds, so as the source it
+    # would leave every seed ignored (tests/test_phases.py covers the switch).
+    config.loss.decoder_source_epoch = 99  # never
     config.recurseed.pamr_dilations = (1, 2)
     config.eval.global_batch_size = 8
   return config
