@@ -1,10 +1,16 @@
-"""Entry point: flags, config, then one call into the library.
+"""RecurSeed + EdgePredictMix: train, evaluate or export pseudo labels.
 
   python -m rsepm_jax.main --config=configs/demo.py --workdir=/tmp/rsepm_demo
   python -m rsepm_jax.main --config=configs/demo.py --workdir=/tmp/rsepm_demo --mode=eval
   python -m rsepm_jax.main --config=configs/demo.py --workdir=/tmp/rsepm_demo --mode=export
 
-Kept short on purpose (as flax/examples): the logic lives in modules the tests import.
+Modes: train (resumes from the latest checkpoint in --workdir, then evaluates), eval (scores a
+checkpoint: the latest or --step), export (pseudo-label PNGs of config.export.split).
+
+Configs: configs/demo.py (synthetic data), configs/voc.py, configs/coco.py, each with a :smoke
+variant; an installed package carries them in rsepm_jax/configs/. Every knob is listed, with a
+one-line comment, in rsepm_jax/configs/demo.py; override any with --config.KEY=VALUE (e.g.
+--config.train.num_epochs=20). docs/algorithm.md gives the config key of every method choice.
 """
 from absl import app
 from absl import flags
