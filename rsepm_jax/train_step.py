@@ -100,7 +100,7 @@ def _seed_losses(outputs, seeds, loss_config):
   return _global_pixel_mean(seg, valid), _global_pixel_mean(cam, valid)
 
 
-def _mix_across_devices(rng, local, settings):
+def mix_across_devices(rng, local, settings):
   """Mixes each local image with a partner drawn from the whole global batch.
 
   The permutation comes from the replicated `rng` and per-image keys from global indices, and
@@ -117,20 +117,36 @@ def _mix_across_devices(rng, local, settings):
   return edge_predict_mix.mix_pairs(keys, local, partner, settings)
 
 
+def mix_phase_on(epoch, loss_config):
+  """Whether the mixed-batch losses are on in `epoch` (they need RecurSeed's seeds)."""
+  return (epoch >= loss_config.rs_start_epoch) & (epoch >= loss_config.mix_start_epoch)
+
+
 def cls_loss(outputs, labels, crop_box, stride):
   """MLSM of the CAM's average inside `crop_box` (input pixels) mapped onto the CAM grid."""
   cam_box = image_ops.scale_box(crop_box, stride)
   return losses.multilabel_soft_margin(losses.masked_gap(outputs["cams"], cam_box), labels)
 
 
-def make_train_step(model, tx, config, mesh, total_steps, steps_per_epoch):
-  """Returns the jitted step; `state` is donated."""
-  optim, loss_config = config.optim, config.loss
+def step_rngs(rng, step):
+  """Keys of step `step` from the replicated `rng`, inside the data-axis `shard_map`:
+  {"mix": replicated (see `mix_across_devices`), "dropout", "mix_dropout": per device}."""
+  mix_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, step))
+  dropout_rng, mixed_dropout_rng = jax.random.split(
+      jax.random.fold_in(dropout_rng, lax.axis_index(DATA_AXIS)))
+  return {"mix": mix_rng, "dropout": dropout_rng, "mix_dropout": mixed_dropout_rng}
+
+
+def make_loss_fns(model, config):
+  """The step's per-device losses, to call inside the data-axis `shard_map`:
+
+  compute_loss(params, batch_stats, batch, rngs, epoch)
+      -> (total, (terms, batch_stats, mix_inputs, cams `[B, h, w, C]`))
+  compute_mixed_loss(params, batch_stats, mixed, dropout_rng) -> (total, (terms, batch_stats))
+  """
+  loss_config = config.loss
   stride = cam_stride(config)
-  schedule = optimizer.poly_schedule(optim.lr, total_steps, optim.poly_power)
   rs_settings = recurseed_settings(config)
-  mixing = mix_settings(config)
-  mix_gating = resolve_mix_gating(config.train.mix_gating)
   bn_stats_from = resolve_bn_stats(config.train.bn_stats)
 
   def forward(params, batch_stats, images, dropout_rng):
@@ -161,7 +177,8 @@ def make_train_step(model, tx, config, mesh, total_steps, steps_per_epoch):
     outputs, mutated = forward(params, batch_stats, images, rngs["dropout"])
     terms = {"cls": cls_loss(outputs, batch["labels"], batch["crop_box"], stride)}
     if not model.with_decoder:
-      return lax.pmean(terms["cls"], DATA_AXIS), (terms, mutated["batch_stats"], None)
+      return (lax.pmean(terms["cls"], DATA_AXIS),
+              (terms, mutated["batch_stats"], None, outputs["cams"]))
 
     seg_grid = outputs["seg_logits"].shape[:3]
     no_seeds = (_per_device(jnp.full(seg_grid, IGNORE, jnp.int32)),
@@ -180,7 +197,7 @@ def make_train_step(model, tx, config, mesh, total_steps, steps_per_epoch):
     total = loss_config.cls * terms["cls"] + loss_config.seg * terms["seg"] + loss_config.cam * terms["cam"]
     mix_inputs = {"images": images, "seeds": seeds, "probs": probs, "labels": batch["labels"],
                   "crop_box": batch["crop_box"]}
-    return lax.pmean(total, DATA_AXIS), (terms, batch_stats, mix_inputs)
+    return lax.pmean(total, DATA_AXIS), (terms, batch_stats, mix_inputs, outputs["cams"])
 
   def compute_mixed_loss(params, batch_stats, mixed, dropout_rng):
     """The same three losses on the mixed batch (spec 5.2)."""
@@ -192,13 +209,24 @@ def make_train_step(model, tx, config, mesh, total_steps, steps_per_epoch):
     new_stats = mutated["batch_stats"] if bn_stats_from == "both" else batch_stats
     return lax.pmean(total, DATA_AXIS), (terms, new_stats)
 
+  return compute_loss, compute_mixed_loss
+
+
+def make_train_step(model, tx, config, mesh, total_steps, steps_per_epoch):
+  """Returns the jitted step; `state` is donated."""
+  optim, loss_config = config.optim, config.loss
+  schedule = optimizer.poly_schedule(optim.lr, total_steps, optim.poly_power)
+  mixing = mix_settings(config)
+  mix_gating = resolve_mix_gating(config.train.mix_gating)
+  compute_loss, compute_mixed_loss = make_loss_fns(model, config)
+
   def mixed_loss_and_grads(mix_on, params, batch_stats, mix_inputs, rngs):
     """(loss, terms, batch_stats, grads) of the mixed batch; zeros and `batch_stats` unchanged
     while `mix_on` is False. See `config.train.mix_gating` for how the pass is switched."""
     grad_fn = jax.value_and_grad(compute_mixed_loss, has_aux=True)
 
     def with_mix():
-      mixed = _mix_across_devices(rngs["mix"], mix_inputs, mixing)
+      mixed = mix_across_devices(rngs["mix"], mix_inputs, mixing)
       (loss, (terms, new_stats)), grads = grad_fn(params, batch_stats, mixed, rngs["mix_dropout"])
       return loss, terms, new_stats, grads
 
@@ -214,16 +242,12 @@ def make_train_step(model, tx, config, mesh, total_steps, steps_per_epoch):
 
   def step(state, batch, rng):
     epoch = state["step"] // steps_per_epoch
-    mix_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, state["step"]))
-    # Dropout differs per device; mixing draws from the replicated key (see _mix_across_devices).
-    dropout_rng, mixed_dropout_rng = jax.random.split(
-        jax.random.fold_in(dropout_rng, lax.axis_index(DATA_AXIS)))
-    rngs = {"mix": mix_rng, "dropout": dropout_rng, "mix_dropout": mixed_dropout_rng}
+    rngs = step_rngs(rng, state["step"])
     grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
-    (loss, (terms, batch_stats, mix_inputs)), grads = grad_fn(
+    (loss, (terms, batch_stats, mix_inputs, _)), grads = grad_fn(
         state["params"], state["batch_stats"], batch, rngs, epoch)
     if mixing is not None and model.with_decoder:
-      mix_on = (epoch >= loss_config.rs_start_epoch) & (epoch >= loss_config.mix_start_epoch)
+      mix_on = mix_phase_on(epoch, loss_config)
       mixed_loss, mixed_terms, batch_stats, mixed_grads = mixed_loss_and_grads(
           mix_on, state["params"], batch_stats, mix_inputs, rngs)
       loss = loss + mixed_loss

@@ -95,6 +95,8 @@ def get_config(arg=None):
   config.train.checkpoint_every = 200  # steps between checkpoints (and one at the end)
   config.train.max_checkpoints = 2  # checkpoints kept on disk
   config.train.eval_every = 0  # steps between evaluations (0: only at the end)
+  config.train.tensorboard = True  # scalars and pictures to workdir/tensorboard (no TensorFlow)
+  config.train.num_summary_images = 4  # training pictures per eval_every and at the end (0: none)
   # How the mixed-batch pass is switched on at mix_start_epoch: "cond" skips it before then
   # (lax.cond), "where" always computes it and selects the result (XLA:CPU runs backward
   # convolutions inside a lax.cond ~10x slower), "auto" = "where" on CPU, else "cond".

@@ -1,0 +1,174 @@
+"""TensorBoard events (read back without TensorFlow), metrics.jsonl after a resume, the log file
+and the evaluation progress lines, from real smoke training runs on the 8 test devices."""
+import io
+import json
+import struct
+import time
+import types
+
+from absl import logging
+import numpy as np
+from PIL import Image
+import pytest
+from tensorboardX.proto import event_pb2
+
+from rsepm_jax import metric_writer
+from rsepm_jax import train
+from rsepm_jax.configs import demo
+from rsepm_jax.data import classes
+
+
+def _crc32c_table():
+  table = []
+  for byte in range(256):
+    crc = byte
+    for _ in range(8):
+      crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)  # Castagnoli, reflected
+    table.append(crc)
+  return table
+
+
+CRC32C_TABLE = _crc32c_table()
+
+
+def masked_crc32c(data):
+  """TFRecord's checksum: CRC-32C, rotated right by 15 bits, plus 0xa282ead8."""
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc = CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+  crc ^= 0xFFFFFFFF
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def read_events(path):
+  """Every `Event` of a TFRecord event file: u64 length, u32 masked CRC of the length bytes,
+  the data, u32 masked CRC of the data (little-endian), checksums checked."""
+  data = path.read_bytes()
+  events, offset = [], 0
+  while offset < len(data):
+    header = data[offset:offset + 8]
+    (length,) = struct.unpack("<Q", header)
+    (header_crc,) = struct.unpack("<I", data[offset + 8:offset + 12])
+    record = data[offset + 12:offset + 12 + length]
+    (record_crc,) = struct.unpack("<I", data[offset + 12 + length:offset + 16 + length])
+    assert header_crc == masked_crc32c(header) and record_crc == masked_crc32c(record)
+    events.append(event_pb2.Event.FromString(record))
+    offset += 16 + length
+  return events
+
+
+def event_files(workdir):
+  return sorted((workdir / metric_writer.TENSORBOARD_DIR).glob("events.out.tfevents.*"))
+
+
+def scalars_and_images(events):
+  """({(tag, step): value}, {(tag, step): PIL image}) of `events`, each key once."""
+  scalars, images = {}, {}
+  for event in events:
+    for value in event.summary.value:
+      key = (value.tag, event.step)
+      if value.HasField("image"):
+        assert key not in images
+        images[key] = Image.open(io.BytesIO(value.image.encoded_image_string))
+      else:
+        assert key not in scalars
+        scalars[key] = value.simple_value
+  return scalars, images
+
+
+def smoke_config(**train_overrides):
+  config = demo.get_config("smoke")
+  config.train.update(train_overrides)
+  return config
+
+
+def test_training_writes_tensorboard_scalars_pictures_and_log_file(tmp_path):
+  # The config of test_train's run (one compilation of the step for both); RecurSeed and mixing
+  # are on from step 4, so the pictures at the evaluation of step 12 and at the end show all.
+  logging.set_verbosity(logging.INFO)
+  config = smoke_config(num_epochs=6, log_every=1, eval_every=12)
+  train.train_and_evaluate(config, str(tmp_path))
+
+  (events_file,) = event_files(tmp_path)
+  scalars, images = scalars_and_images(read_events(events_file))
+  expected = {}
+  for row in metric_writer.read_metrics(tmp_path):
+    expected.update({(k, row["step"]): v for k, v in row.items() if k not in ("step", "time")})
+  assert {tag for tag, _ in expected} >= {"loss", "loss_seg", "lr", "eval_cam_miou"}
+  assert scalars.keys() == expected.keys()
+  for key, value in expected.items():
+    assert scalars[key] == pytest.approx(value, rel=1e-6, abs=1e-30), key
+
+  size = config.data.crop_size
+  num = config.train.num_summary_images
+  strip_width = num * size + (num - 1) * metric_writer.STRIP_GAP
+  tags = ("train/input", "train/cam", "train/seeds", "train/mixed", "train/mixed_seeds")
+  assert images.keys() == {(tag, step) for tag in tags for step in (12, 24)}
+  for image in images.values():
+    assert image.size == (strip_width, size) and image.mode == "RGB"
+  # Seeds and mixed targets are palette colours (gaps white); some pixels are confident seeds.
+  palette = {tuple(c) for c in classes.color_palette()} | {(255, 255, 255)}
+  for tag in ("train/seeds", "train/mixed_seeds"):
+    pixels = np.asarray(images[tag, 24]).reshape(-1, 3)
+    assert {tuple(p) for p in pixels} <= palette
+    assert np.any(np.all(pixels != (224, 224, 192), axis=1) & np.all(pixels != 255, axis=1))
+
+  log = (tmp_path / metric_writer.LOG_FILE).read_text()
+  assert log.startswith("===== ")
+  assert "step 24/24 loss=" in log and "eval val: 16/16 images" in log
+
+
+def test_resume_drops_replayed_metrics_rows_and_purges_tensorboard(tmp_path):
+  # 4 steps, checkpoints at 2 and 4; losing checkpoint 4 makes the re-run replay steps 3-4.
+  config = smoke_config(num_epochs=1, log_every=1, checkpoint_every=2)
+  train.train_and_evaluate(config, str(tmp_path))
+  first_rows = metric_writer.read_metrics(tmp_path)
+  assert [r["step"] for r in first_rows if "loss" in r] == [1, 2, 3, 4]
+  for path in sorted((tmp_path / "checkpoints" / "4").rglob("*"), reverse=True):
+    path.unlink() if path.is_file() else path.rmdir()
+  (tmp_path / "checkpoints" / "4").rmdir()
+  with (tmp_path / metric_writer.METRICS_FILE).open("a") as f:
+    f.write('{"step": 5, "lo')  # a line cut short by a kill
+
+  train.train_and_evaluate(config, str(tmp_path))
+  rows = metric_writer.read_metrics(tmp_path)
+  assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+  assert [r["step"] for r in rows if "eval_cam_miou" in r] == [4]
+  second_start = max(r["time"] for r in first_rows)
+  assert all((r["time"] > second_start) == (r["step"] > 2) for r in rows)
+
+  first, second = (read_events(path) for path in event_files(tmp_path))
+  # TensorBoard drops the first file's events from the purge step on (SessionLog START).
+  purges = [e.step for e in second if e.HasField("session_log")
+            and e.session_log.status == event_pb2.SessionLog.START]
+  assert purges == [3]
+  assert {e.step for e in first if e.summary.value} == {1, 2, 3, 4}
+  assert {e.step for e in second if e.summary.value} == {3, 4}
+
+
+def test_drop_rows_after_keeps_earlier_rows_and_drops_a_cut_line(tmp_path):
+  path = tmp_path / metric_writer.METRICS_FILE
+  rows = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')
+  metric_writer.drop_rows_after(path, 2)
+  assert metric_writer.read_metrics(tmp_path) == rows[:2]
+  assert not (tmp_path / (path.name + ".tmp")).exists()
+  before = path.stat().st_mtime_ns
+  metric_writer.drop_rows_after(path, 2)  # nothing to drop: not rewritten
+  assert path.stat().st_mtime_ns == before
+
+
+def test_count_progress_logs_by_time_and_at_the_end(monkeypatch):
+  lines = []
+  clock = iter([0.0, 1.0, 5.0, 30.0, 31.0])  # created, then after each batch
+  monkeypatch.setattr(metric_writer, "logging", types.SimpleNamespace(
+      info=lambda fmt, *args: lines.append(fmt % args)))
+  monkeypatch.setattr(metric_writer, "time", types.SimpleNamespace(
+      time=lambda: next(clock), strftime=time.strftime, gmtime=time.gmtime))
+  progress = metric_writer.CountProgress("eval val", 50, interval_s=10.0)
+  for _ in range(4):
+    progress.advance(16)  # 16, 32, 48, 50 (the last batch's padding capped)
+  # Not after batches 1 (first, compiling) and 2 (4 s < 10 s): at 30 s, and the final line.
+  # The rate leaves out the first batch: 32 images in 29 s, then 34 in 30 s.
+  assert lines == ["eval val: 48/50 images, 1.1 img/s, ETA 00:00:01",
+                   "eval val: 50/50 images, 1.1 img/s, ETA 00:00:00"]
