@@ -261,7 +261,8 @@ def run_seed(config, workdir, runs):
     if run.parent is not None:
       fork_run(str(root / run.parent), run.fork_epoch * steps_per_epoch, run_dir)
     logging.info("Ablation run %s (seed %d): %s", run.name, config.seed, run.overrides)
-    train.train_and_evaluate(run_config, run_dir)
+    # A forked run continues its parent's checkpoint with other phase epochs on purpose.
+    train.train_and_evaluate(run_config, run_dir, allow_config_change=run.parent is not None)
     scores = score_rows(run_config, run_dir, None, tuple(run.rows.values()))
     results.update({row: scores[kind] for row, kind in run.rows.items()})
   return results, total_steps

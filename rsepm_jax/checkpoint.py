@@ -1,7 +1,9 @@
 """One orbax `CheckpointManager` for the train state and the grain iterator (jax_conventions 5.7).
 
-Layout: `workdir/checkpoints/<step>/{state, data_iter}`. A step directory appears only once its
-save has committed, so a crash mid-save leaves the previous checkpoint as the latest.
+Layout: `workdir/checkpoints/<step>/{state, data_iter, config}`. A step directory appears only
+once its save has committed, so a crash mid-save leaves the previous checkpoint as the latest.
+`config` (JSON, `config_check.checkpoint_record`) is what a resume or an evaluation compares its
+config with; checkpoints written before it existed restore without it.
 """
 import logging as py_logging
 
@@ -11,8 +13,11 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from rsepm_jax import config_check
+
 STATE = "state"
 DATA_ITER = "data_iter"
+CONFIG = "config"
 
 
 def _not_orbax_info(record):
@@ -29,16 +34,16 @@ def make_manager(workdir, save_interval_steps=1, max_to_keep=2):
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=save_interval_steps, max_to_keep=max_to_keep, create=True)
   return ocp.CheckpointManager(
-      epath.Path(workdir) / "checkpoints", options=options, item_names=(STATE, DATA_ITER))
+      epath.Path(workdir) / "checkpoints", options=options, item_names=(STATE, DATA_ITER, CONFIG))
 
 
-def save(manager, step, state, data_iter, force=False):
-  """Saves the state and the iterator position together; returns whether a save started."""
-  return manager.save(
-      step,
-      args=ocp.args.Composite(
-          **{STATE: ocp.args.StandardSave(state), DATA_ITER: grain.checkpoint.CheckpointSave(data_iter)}),
-      force=force)
+def save(manager, step, state, data_iter, config_record=None, force=False):
+  """Saves the state, the iterator position and `config_record` together; returns whether a
+  save started."""
+  items = {STATE: ocp.args.StandardSave(state), DATA_ITER: grain.checkpoint.CheckpointSave(data_iter)}
+  if config_record is not None:
+    items[CONFIG] = ocp.args.JsonSave(config_record)
+  return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
 def abstract_like(state):
@@ -46,15 +51,46 @@ def abstract_like(state):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
-def restore(manager, step, state_like, data_iter=None):
+def saved_config(manager, step):
+  """The config record saved with `step`, or None for a checkpoint saved without one."""
+  if not (epath.Path(manager.directory) / str(step) / CONFIG).exists():
+    return None
+  return manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+
+
+def check_config(manager, step, config, training, allow_change, steps_per_epoch=None):
+  """Compares `config` with the one saved with `step` (`config_check.check_saved`).
+
+  Raises `ConfigError` for a refused change; returns the differences it let through (for
+  `restore` to name), empty for a checkpoint saved without its config (a warning says so).
+  """
+  where = f"checkpoint step {step} in {manager.directory}"
+  saved = saved_config(manager, step)
+  if saved is None:
+    logging.warning("%s was saved without its config (an older version); the config cannot be "
+                    "compared with it.", where)
+    return []
+  return config_check.check_saved(saved, config, where, training, allow_change, steps_per_epoch)
+
+
+def restore(manager, step, state_like, data_iter=None, differing=()):
   """Restores `step` onto the structure, shapes and shardings of `state_like`.
 
-  With `data_iter`, the iterator is restored in place to the saved position too.
+  With `data_iter`, the iterator is restored in place to the saved position too. A saved state
+  that does not fit `state_like` is a `ConfigError` naming `differing` (from `check_config`).
   """
   items = {STATE: ocp.args.StandardRestore(abstract_like(state_like))}
   if data_iter is not None:
     items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+  except (ValueError, KeyError) as error:
+    changed = (f"these config keys differ from the saved ones:\n"
+               f"{config_check.format_differences(differing)}" if differing else
+               "check model.* and data.num_classes against the config it was trained with")
+    raise config_check.ConfigError(
+        f"The parameters of checkpoint step {step} in {manager.directory} do not fit the model "
+        f"of this config; {changed}\n(orbax: {str(error).splitlines()[0][:300]})") from error
   return restored[STATE]
 
 

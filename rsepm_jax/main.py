@@ -19,6 +19,7 @@ import jax
 from ml_collections import config_flags
 
 from rsepm_jax import checkpoint
+from rsepm_jax import config_check
 from rsepm_jax import export
 from rsepm_jax import parallel
 from rsepm_jax import train
@@ -31,6 +32,11 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export"],
                           "eval: evaluate a saved checkpoint without training; "
                           "export: write pseudo-label PNGs of config.export.split.")
 _STEP = flags.DEFINE_integer("step", None, "--mode=eval|export: checkpoint step (default: the latest).")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False,
+    "Go on when the config differs from the checkpoint's in keys that change the network "
+    "(model.*, data.num_classes) or, when resuming training, the schedule (num_epochs, batch, "
+    "LR, phase epochs, train split); the differences are logged as warnings.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -41,15 +47,18 @@ def main(argv):
   parallel.maybe_initialize_distributed()
   logging.info("JAX %s, process %d/%d, local devices: %s", jax.__version__, jax.process_index(),
                jax.process_count(), jax.local_devices())
-  config = _CONFIG.value
-  if _MODE.value == "train":
-    train.train_and_evaluate(config, _WORKDIR.value)
-  elif _MODE.value == "eval":
-    train.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)
-  else:
-    export.export_pseudo_labels(config, _WORKDIR.value, _STEP.value)
+  config, allow = _CONFIG.value, _ALLOW_CONFIG_CHANGE.value
+  try:
+    if _MODE.value == "train":
+      train.train_and_evaluate(config, _WORKDIR.value, allow)
+    elif _MODE.value == "eval":
+      train.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value, allow)
+    else:
+      export.export_pseudo_labels(config, _WORKDIR.value, _STEP.value, allow_config_change=allow)
+  except config_check.ConfigError as error:
+    raise SystemExit(str(error)) from None  # the message names every key: no traceback
 
 
 if __name__ == "__main__":
   jax.config.config_with_absl()
-  app.run(main)
+  app.run(main, flags_parser=config_check.parse_flags)
