@@ -293,15 +293,23 @@ def test_bad_record_raises_naming_the_file(tmp_path, make_bad):
 
 
 @pytest.mark.parametrize("make_bad", BAD_CASES, ids=lambda f: f.__name__.strip("_"))
-def test_bad_record_skipped_and_counted(tmp_path, make_bad, caplog):
+def test_bad_record_skipped_and_counted_once(tmp_path, make_bad, caplog):
   file_name, problem = _bad_tree(tmp_path, make_bad)
-  with caplog.at_level(logging.WARNING):
+
+  @records.logs_bad_files
+  def run():
     source, loaded = _load_all(root=tmp_path, split="val", skip_bad_records=True)
-    assert loaded[1] is None and source.num_bad_records == 1
-    assert source[1] is None and source.num_bad_records == 2
-  assert loaded[0]["id"] == "2007_000001"
-  assert file_name in caplog.text and problem in caplog.text
-  assert "2 bad records so far" in caplog.text
+    read_again = [source[1] for _ in range(3)]
+    return loaded, read_again, source.bad_files.files()
+
+  with caplog.at_level(logging.WARNING):
+    loaded, read_again, bad_files = run()
+  assert loaded[0]["id"] == "2007_000001" and loaded[1] is None and read_again == [None] * 3
+  assert len(bad_files) == 1 and file_name in next(iter(bad_files))
+  skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Skipping")]
+  assert len(skipped) == 1 and file_name in skipped[0] and problem in skipped[0]
+  summary = caplog.records[-1].getMessage()
+  assert summary.startswith("1 bad file skipped") and file_name in summary and problem in summary
 
 
 def test_parse_xml_tags_keeps_difficult_and_drops_degenerate_boxes():

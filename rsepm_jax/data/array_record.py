@@ -139,7 +139,7 @@ class ArrayRecordSource(records.RecordSource):
 
   Attributes:
     num_classes: C, from the stored labels' shape.
-    num_bad_records: records skipped so far by this process (with `skip_bad_records`).
+    bad_files: the run's `records.BadFileLog` (records skipped with `skip_bad_records`).
   """
 
   def __init__(self, data_dir, dataset, split, *, skip_bad_records=False):

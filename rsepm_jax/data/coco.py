@@ -18,13 +18,13 @@ from rsepm_jax.data import records
 EXPECTED_SPLIT_SIZES = {"train2014": 82081, "val2014": 40137}
 
 
-class COCOSource(records.RecordSource):
+class COCOSource(records.FileRecordSource):
   """A COCO 2014 split as records.
 
   Attributes:
     ids: image file stems (e.g. "COCO_val2014_000000000042") in sorted order.
     num_classes: 80.
-    num_bad_records: records skipped so far by this process (with `skip_bad_records`).
+    bad_files: the run's `records.BadFileLog` (files skipped with `skip_bad_records`).
   """
 
   def __init__(self, root, split, *, mask_dir="masks", skip_bad_records=False,
@@ -56,17 +56,15 @@ class COCOSource(records.RecordSource):
       self.report_missing_files(self._mask_dir, records.missing_files_message(
           "images of masks are", self._missing_images, self._image_dir))
 
-  def read_encoded(self, index):
-    """The encoded image and mask of record `index` (`records.EncodedRecord`)."""
+  def record_files(self, index):
+    """Where record `index` is (`records.RecordFiles`); its tags come from the mask."""
     image_id = self.ids[index]
     image_path = self._image_dir / f"{image_id}.jpg"
     mask_path = self._mask_dir / f"{image_id}.png"
     if image_id in self._missing_images:
       raise records.BadRecordError(image_path, f"image of mask {mask_path} is missing")
-    return records.EncodedRecord(
-        id=image_id, image_path=str(image_path),
-        image_bytes=records.read_file_bytes(image_path), mask_path=str(mask_path),
-        mask_bytes=records.read_file_bytes(mask_path), labels=None, tags_path=str(mask_path))
+    return records.RecordFiles(id=image_id, image_path=image_path, mask_path=mask_path,
+                               labels=None, tags_path=str(mask_path))
 
   def __len__(self):
     return len(self.ids)

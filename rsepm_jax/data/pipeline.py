@@ -116,7 +116,19 @@ def train_iterator(data_config, global_batch_size, seed, process_index=None,
   if data_config.num_workers > 0:
     dataset = dataset.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=data_config.num_workers))
+    dataset = dataset.map(_out_of_shared_memory)
   return iter(dataset)
+
+
+def _out_of_shared_memory(batch):
+  """Copies a batch from grain's worker shared memory into process memory.
+
+  grain unlinks a shared block when its array is garbage collected, on a background thread.
+  Measured on CPU: after a training run one batch's arrays were still alive in a reference
+  cycle (freed only by the cycle collector), and at exit the interpreter ended with "There
+  appear to be 4 leaked shared_memory objects". One memcpy per batch releases each block at once.
+  """
+  return {key: np.array(value) for key, value in batch.items()}
 
 
 def num_eval_batches(num_split_records, global_batch_size, process_count):

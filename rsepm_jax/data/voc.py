@@ -95,14 +95,14 @@ def _read_list_file(path):
   return [epath.Path(line.split()[0]).stem for line in text.splitlines() if line.strip()]
 
 
-class VOCSource(records.RecordSource):
+class VOCSource(records.FileRecordSource):
   """PASCAL VOC 2012 segmentation split as records (module docstring has the rules).
 
   Attributes:
     ids: image ids in source order.
     layout: "vocdevkit" or "rsepm".
     num_classes: 20.
-    num_bad_records: records skipped so far by this process (with `skip_bad_records`).
+    bad_files: the run's `records.BadFileLog` (files skipped with `skip_bad_records`).
   """
 
   def __init__(self, root, split, *, mask_dir="SegmentationClassAug", require_masks=False,
@@ -162,19 +162,16 @@ class VOCSource(records.RecordSource):
         self.report_missing_files(str(self._mask_dir), records.missing_files_message(
             "required masks are", missing_masks, self._mask_dir))
 
-  def read_encoded(self, index):
-    """The encoded files and tags of record `index` (`records.EncodedRecord`)."""
+  def record_files(self, index):
+    """Where record `index` is, with its tags (`records.RecordFiles`); reads only the XML."""
     image_id = self.ids[index]
     image_path = self._image_dir / f"{image_id}.jpg"
     if image_id in self._missing_images:
       raise records.BadRecordError(
           image_path, f"image listed in {self._list_source} is missing")
-    image_bytes = records.read_file_bytes(image_path)
     mask_path = self._mask_dir / f"{image_id}.png"
-    mask_bytes = None
-    if f"{image_id}.png" in self._mask_names:
-      mask_bytes = records.read_file_bytes(mask_path)
-    elif self.require_masks:
+    has_mask = f"{image_id}.png" in self._mask_names
+    if not has_mask and self.require_masks:
       raise records.BadRecordError(mask_path, "missing mask (required for this split)")
     xml_path = self._xml_dir / f"{image_id}.xml"
     if self.unlabelled:
@@ -182,14 +179,13 @@ class VOCSource(records.RecordSource):
     elif f"{image_id}.xml" in self._xml_names:
       class_ids = parse_xml_tags(records.read_file_bytes(xml_path), xml_path)
       labels, tags_path = records.multi_hot(class_ids, self.num_classes), xml_path
-    elif mask_bytes is not None:
+    elif has_mask:
       labels, tags_path = None, mask_path
     else:
       raise records.BadRecordError(
           xml_path, f"no XML annotation and no mask ({mask_path}) to read the tags from")
-    return records.EncodedRecord(
-        id=image_id, image_path=str(image_path), image_bytes=image_bytes,
-        mask_path=str(mask_path) if mask_bytes is not None else None, mask_bytes=mask_bytes,
+    return records.RecordFiles(
+        id=image_id, image_path=image_path, mask_path=mask_path if has_mask else None,
         labels=labels, tags_path=str(tags_path), expect_tags=not self.unlabelled)
 
   def __len__(self):

@@ -1,0 +1,148 @@
+"""Pre-flight check of every split a run will read, before its first step.
+
+A bad file found by the final evaluation after 30 epochs costs the whole run, so training
+checks its train and evaluation splits first, `--mode=eval` its evaluation split and
+`--mode=export` its export split (`check_splits`). For sources of files (VOC, COCO), every
+record is checked: the listed image and mask exist (from the directory listings the source made
+at construction), the image header is readable, the mask decodes with values in 0..C or 255 and
+has the image's size, the tag list is not empty, and an image that evaluation or export will
+read fits `data.eval_size` (evaluation pads to it and never resizes). Images are not decoded
+(headers only), so a JPEG whose header is intact but whose data is truncated is found only
+when it is read; masks are small PNGs and are decoded. Reads go through a thread pool, since
+they may be gs:// reads. ArrayRecord splits get the cheap checks (the split has records, the
+first one decodes); synthetic data is generated in memory and needs none.
+
+Bad files stop the run with up to `_MAX_NAMED_FILES` of them named, or, with
+`data.skip_bad_records`, go to the run's `records.BadFileLog` (one warning each; they count
+once in the end-of-run summary however often they are read).
+"""
+import concurrent.futures
+import time
+
+from absl import logging
+
+from rsepm_jax.data import records
+from rsepm_jax.data import sources
+
+_NUM_THREADS = 32  # Concurrent file reads (I/O bound: the files may be on gs://).
+_MAX_NAMED_FILES = 10  # How many bad files an error names.
+
+
+class BadSplitError(ValueError):
+  """Bad files in a split; `errors` holds a `records.BadRecordError` for each."""
+
+  def __init__(self, message, errors):
+    super().__init__(message)
+    self.errors = errors
+
+
+def check_splits(data_config, *, train=(), evaluated=()):
+  """Checks the splits `train` (read through the train transforms) and `evaluated` (read whole,
+  padded to `data.eval_size`: evaluation and export); logs what was checked and how long it took.
+
+  Raises `BadSplitError` naming the bad files (unless `data.skip_bad_records`), or `ValueError`
+  for images larger than `data.eval_size` in an evaluated split.
+  """
+  start = time.perf_counter()
+  num_records = 0
+  for split in dict.fromkeys((*train, *evaluated)):
+    max_size = data_config.eval_size if split in evaluated else None
+    num_records += _check_split(data_config, split, max_size)
+  if num_records:
+    logging.info("Pre-flight check done: %d records in %.1f s.", num_records,
+                 time.perf_counter() - start)
+
+
+def check_training_splits(data_config):
+  """`check_splits` for a training run: the train split and every evaluation split."""
+  check_splits(data_config, train=(data_config.train_split,),
+               evaluated=records.eval_splits(data_config))
+
+
+def _check_split(data_config, split, max_size):
+  """Checks one split (`max_size`: the largest image side it may have, or None); returns how
+  many records were checked."""
+  source = sources.make_source(data_config, split)
+  if isinstance(source, records.FileRecordSource):
+    return _check_files(source, split, max_size)
+  if isinstance(source, records.RecordSource):
+    return _check_first_record(source, split, max_size)
+  logging.info("Pre-flight check: split %r of data.name=%r is generated in memory; nothing to "
+               "check.", split, data_config.name)
+  return 0
+
+
+def _check_files(source, split, max_size):
+  start = time.perf_counter()
+
+  def check(index):
+    """(BadRecordError or None, (H, W) or None, mask path or None) of record `index`."""
+    try:
+      files = source.record_files(index)
+      return None, records.check_record_files(files, num_classes=source.num_classes), files
+    except records.BadRecordError as error:
+      return error, None, None
+
+  with concurrent.futures.ThreadPoolExecutor(_NUM_THREADS) as pool:
+    results = list(pool.map(check, range(len(source))))
+  errors = [error for error, _, _ in results if error is not None]
+  num_masks = sum(files is not None and files.mask_path is not None for _, _, files in results)
+  logging.info("Pre-flight check of split %r (%r): %d records (image headers, %d masks decoded, "
+               "tags) in %.1f s; %d bad.", split, source, len(source), num_masks,
+               time.perf_counter() - start, len(errors))
+  _handle_bad_files(source, split, errors)
+  if max_size is not None:
+    too_large = [(files.image_path, size) for _, size, files in results
+                 if size is not None and max(size) > max_size]
+    _check_sizes(split, too_large, max_size)
+  return len(source)
+
+
+def _check_first_record(source, split, max_size):
+  """Cheap checks of a source read from records: it has records and the first one decodes."""
+  if not len(source):
+    raise ValueError(f"Split {split!r} ({source!r}) has no records.")
+  try:
+    record = records.decode_record(source.read_encoded(0), num_classes=source.num_classes)
+  except records.BadRecordError as error:
+    _handle_bad_files(source, split, [error])
+    return len(source)
+  logging.info("Pre-flight check of split %r (%r): %d records; the first decodes (the others "
+               "are checked as they are read).", split, source, len(source))
+  if max_size is not None and max(record["image"].shape[:2]) > max_size:
+    _check_sizes(split, [(f"{record['id']} (record 0)", record["image"].shape[:2])], max_size)
+  return len(source)
+
+
+def _handle_bad_files(source, split, errors):
+  """Raises `BadSplitError` naming `errors`, or with `skip_bad_records` logs them as skipped."""
+  if not errors:
+    return
+  if source.skip_bad_records:
+    for error in errors:
+      source.skip_bad_record(error)
+    logging.warning("Pre-flight check of split %r: %d bad files will be skipped "
+                    "(data.skip_bad_records=True).", split, len(errors))
+    return
+  named = "\n  ".join(str(error) for error in errors[:_MAX_NAMED_FILES])
+  more = (f"\n  ... and {len(errors) - _MAX_NAMED_FILES} more"
+          if len(errors) > _MAX_NAMED_FILES else "")
+  raise BadSplitError(
+      f"Pre-flight check of split {split!r} ({source!r}): {len(errors)} bad "
+      f"file{'s' if len(errors) > 1 else ''}:\n  {named}{more}\nFix or remove them, or set "
+      "data.skip_bad_records=True to skip them (counted and listed at the end of the run).",
+      errors)
+
+
+def _check_sizes(split, too_large, max_size):
+  """Raises naming the images of `too_large` [(path, (H, W))]: evaluation pads, never resizes."""
+  if not too_large:
+    return
+  named = ", ".join(f"{path} ({height}x{width})" for path, (height, width) in
+                    too_large[:_MAX_NAMED_FILES])
+  more = ", ..." if len(too_large) > _MAX_NAMED_FILES else ""
+  largest = max(max(size) for _, size in too_large)
+  raise ValueError(
+      f"Pre-flight check of split {split!r}: {len(too_large)} images are larger than "
+      f"data.eval_size={max_size} (evaluation and export pad each image to eval_size x "
+      f"eval_size and never resize it): {named}{more}. Set data.eval_size >= {largest}.")
