@@ -113,18 +113,20 @@ def test_skip_bad_records_under_workers_finishes_and_counts_each_file_once(tmp_p
     assert len(warnings) == 1, warnings
 
 
-def test_bad_val_files_stop_training_before_the_first_step(tmp_path):
-  """Every bad file of the evaluation split is named before anything trains."""
-  bad_paths = _make_tree(tmp_path / "data", bad_val=[_mask_value_50, _corrupt_jpeg])
+def test_bad_files_of_every_split_stop_training_before_the_first_step(tmp_path):
+  """The bad files of the train and evaluation splits are named together, before anything trains."""
+  bad_paths = _make_tree(tmp_path / "data", bad_train=[_empty_tags],
+                         bad_val=[_mask_value_50, _corrupt_jpeg])
   workdir = tmp_path / "run"
   with pytest.raises(preflight.BadSplitError) as error:
     train.train_and_evaluate(_config(tmp_path / "data"), str(workdir))
   message = str(error.value)
-  assert "split 'val'" in message and "2 bad files" in message
+  assert "split 'train_aug'" in message and "split 'val'" in message and "2 bad files" in message
   assert all(str(path) in message for path in bad_paths)
-  assert "mask values [50]" in message and "data.skip_bad_records" in message
+  assert "mask values [50]" in message and "not a format PIL recognises" in message
+  assert "data.skip_bad_records" in message
   assert not (workdir / "metrics.jsonl").exists()
-  assert not [path for path in workdir.iterdir() if path.name.isdigit()]  # no checkpoint
+  assert not [path for path in workdir.rglob("*") if path.name.isdigit()]  # no checkpoint
 
 
 def test_preflight_skips_and_counts_once_what_reading_finds_again(tmp_path, caplog):
@@ -151,7 +153,8 @@ def test_preflight_skips_and_counts_once_what_reading_finds_again(tmp_path, capl
 def test_preflight_names_images_larger_than_eval_size(tmp_path):
   _make_tree(tmp_path)
   config = _config(tmp_path, eval_size=test_voc.W - 1)
-  with pytest.raises(ValueError, match=rf"4 images are larger than data.eval_size={test_voc.W - 1}"
+  with pytest.raises(ValueError, match=rf"4 images of evaluated splits are larger than "
+                                       rf"data.eval_size={test_voc.W - 1}"
                                        rf".*2007_000100.jpg \({test_voc.H}x{test_voc.W}\)"
                                        rf".*data.eval_size >= {test_voc.W}"):
     preflight.check_training_splits(config.data)

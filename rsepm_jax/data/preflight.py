@@ -29,7 +29,7 @@ _MAX_NAMED_FILES = 10  # How many bad files an error names.
 
 
 class BadSplitError(ValueError):
-  """Bad files in a split; `errors` holds a `records.BadRecordError` for each."""
+  """Bad files in the splits of a run; `errors` holds a `records.BadRecordError` for each."""
 
   def __init__(self, message, errors):
     super().__init__(message)
@@ -40,17 +40,34 @@ def check_splits(data_config, *, train=(), evaluated=()):
   """Checks the splits `train` (read through the train transforms) and `evaluated` (read whole,
   padded to `data.eval_size`: evaluation and export); logs what was checked and how long it took.
 
-  Raises `BadSplitError` naming the bad files (unless `data.skip_bad_records`), or `ValueError`
-  for images larger than `data.eval_size` in an evaluated split.
+  Every split is checked before anything is raised: `BadSplitError` names the bad files of all
+  of them (unless `data.skip_bad_records`), `ValueError` the images larger than
+  `data.eval_size` in an evaluated split.
   """
   start = time.perf_counter()
-  num_records = 0
+  num_records, bad, too_large = 0, [], []
   for split in dict.fromkeys((*train, *evaluated)):
     max_size = data_config.eval_size if split in evaluated else None
-    num_records += _check_split(data_config, split, max_size)
+    checked = _check_split(data_config, split, max_size)
+    if checked is None:
+      continue
+    source, errors, large = checked
+    num_records += len(source)
+    too_large += large
+    if errors and source.skip_bad_records:
+      for error in errors:
+        source.skip_bad_record(error)
+      logging.warning("Pre-flight check of split %r: %d bad files will be skipped "
+                      "(data.skip_bad_records=True).", split, len(errors))
+    elif errors:
+      bad.append((split, source, errors))
   if num_records:
     logging.info("Pre-flight check done: %d records in %.1f s.", num_records,
                  time.perf_counter() - start)
+  if bad:
+    raise BadSplitError(_bad_files_message(bad), [e for _, _, errors in bad for e in errors])
+  if too_large:
+    raise ValueError(_too_large_message(too_large, data_config.eval_size))
 
 
 def check_training_splits(data_config):
@@ -60,8 +77,8 @@ def check_training_splits(data_config):
 
 
 def _check_split(data_config, split, max_size):
-  """Checks one split (`max_size`: the largest image side it may have, or None); returns how
-  many records were checked."""
+  """(source, [BadRecordError], [(path, (H, W)) larger than `max_size`]) of one split, or None
+  when there is nothing to check."""
   source = sources.make_source(data_config, split)
   if isinstance(source, records.FileRecordSource):
     return _check_files(source, split, max_size)
@@ -69,14 +86,14 @@ def _check_split(data_config, split, max_size):
     return _check_first_record(source, split, max_size)
   logging.info("Pre-flight check: split %r of data.name=%r is generated in memory; nothing to "
                "check.", split, data_config.name)
-  return 0
+  return None
 
 
 def _check_files(source, split, max_size):
   start = time.perf_counter()
 
   def check(index):
-    """(BadRecordError or None, (H, W) or None, mask path or None) of record `index`."""
+    """(BadRecordError or None, (H, W) or None, `RecordFiles` or None) of record `index`."""
     try:
       files = source.record_files(index)
       return None, records.check_record_files(files, num_classes=source.num_classes), files
@@ -90,12 +107,9 @@ def _check_files(source, split, max_size):
   logging.info("Pre-flight check of split %r (%r): %d records (image headers, %d masks decoded, "
                "tags) in %.1f s; %d bad.", split, source, len(source), num_masks,
                time.perf_counter() - start, len(errors))
-  _handle_bad_files(source, split, errors)
-  if max_size is not None:
-    too_large = [(files.image_path, size) for _, size, files in results
-                 if size is not None and max(size) > max_size]
-    _check_sizes(split, too_large, max_size)
-  return len(source)
+  too_large = [(str(files.image_path), size) for _, size, files in results
+               if max_size is not None and size is not None and max(size) > max_size]
+  return source, errors, too_large
 
 
 def _check_first_record(source, split, max_size):
@@ -105,44 +119,36 @@ def _check_first_record(source, split, max_size):
   try:
     record = records.decode_record(source.read_encoded(0), num_classes=source.num_classes)
   except records.BadRecordError as error:
-    _handle_bad_files(source, split, [error])
-    return len(source)
+    return source, [error], []
   logging.info("Pre-flight check of split %r (%r): %d records; the first decodes (the others "
                "are checked as they are read).", split, source, len(source))
-  if max_size is not None and max(record["image"].shape[:2]) > max_size:
-    _check_sizes(split, [(f"{record['id']} (record 0)", record["image"].shape[:2])], max_size)
-  return len(source)
+  size = record["image"].shape[:2]
+  too_large = [] if max_size is None or max(size) <= max_size else [(f"{source!r}[0]", size)]
+  return source, [], too_large
 
 
-def _handle_bad_files(source, split, errors):
-  """Raises `BadSplitError` naming `errors`, or with `skip_bad_records` logs them as skipped."""
-  if not errors:
-    return
-  if source.skip_bad_records:
-    for error in errors:
-      source.skip_bad_record(error)
-    logging.warning("Pre-flight check of split %r: %d bad files will be skipped "
-                    "(data.skip_bad_records=True).", split, len(errors))
-    return
-  named = "\n  ".join(str(error) for error in errors[:_MAX_NAMED_FILES])
-  more = (f"\n  ... and {len(errors) - _MAX_NAMED_FILES} more"
-          if len(errors) > _MAX_NAMED_FILES else "")
-  raise BadSplitError(
-      f"Pre-flight check of split {split!r} ({source!r}): {len(errors)} bad "
-      f"file{'s' if len(errors) > 1 else ''}:\n  {named}{more}\nFix or remove them, or set "
-      "data.skip_bad_records=True to skip them (counted and listed at the end of the run).",
-      errors)
+def _bad_files_message(bad):
+  """The error for `bad` [(split, source, [BadRecordError])], up to `_MAX_NAMED_FILES` named."""
+  lines, named = [], 0
+  for split, source, errors in bad:
+    lines.append(f"split {split!r} ({source!r}): {len(errors)} bad "
+                 f"file{'s' if len(errors) > 1 else ''}")
+    for error in errors[:max(_MAX_NAMED_FILES - named, 0)]:
+      lines.append(f"  {error}")
+    named += len(errors)
+  total = sum(len(errors) for _, _, errors in bad)
+  if total > _MAX_NAMED_FILES:
+    lines.append(f"  ... {total - _MAX_NAMED_FILES} more not named here")
+  return ("Pre-flight check found bad data:\n" + "\n".join(lines) + "\nFix or remove them, or "
+          "set data.skip_bad_records=True to skip them (counted and listed at the end of the run).")
 
 
-def _check_sizes(split, too_large, max_size):
-  """Raises naming the images of `too_large` [(path, (H, W))]: evaluation pads, never resizes."""
-  if not too_large:
-    return
+def _too_large_message(too_large, max_size):
+  """The error for images `too_large` [(path, (H, W))]: evaluation pads, never resizes."""
   named = ", ".join(f"{path} ({height}x{width})" for path, (height, width) in
                     too_large[:_MAX_NAMED_FILES])
   more = ", ..." if len(too_large) > _MAX_NAMED_FILES else ""
   largest = max(max(size) for _, size in too_large)
-  raise ValueError(
-      f"Pre-flight check of split {split!r}: {len(too_large)} images are larger than "
-      f"data.eval_size={max_size} (evaluation and export pad each image to eval_size x "
-      f"eval_size and never resize it): {named}{more}. Set data.eval_size >= {largest}.")
+  return (f"Pre-flight check: {len(too_large)} images of evaluated splits are larger than "
+          f"data.eval_size={max_size} (evaluation and export pad each image to eval_size x "
+          f"eval_size and never resize it): {named}{more}. Set data.eval_size >= {largest}.")

@@ -120,10 +120,17 @@ def decode_image(data, path):
         image = image.convert("RGB")
       array = np.asarray(image, np.uint8)
   except _PIL_ERRORS as error:
-    raise BadRecordError(path, f"corrupt or truncated image ({error})") from error
+    raise BadRecordError(path, f"corrupt or truncated image ({_pil_problem(error)})") from error
   if array.size == 0:
     raise BadRecordError(path, f"empty image of shape {array.shape}")
   return array
+
+
+def _pil_problem(error):
+  """What PIL's `error` says, without the file object's repr it puts in 'cannot identify'."""
+  if isinstance(error, Image.UnidentifiedImageError):
+    return "not a format PIL recognises"
+  return str(error)
 
 
 def decode_mask(data, path, *, num_classes):
@@ -138,7 +145,7 @@ def decode_mask(data, path, *, num_classes):
       mode = image.mode
       values = np.asarray(image)
   except _PIL_ERRORS as error:
-    raise BadRecordError(path, f"corrupt or truncated mask ({error})") from error
+    raise BadRecordError(path, f"corrupt or truncated mask ({_pil_problem(error)})") from error
   if mode not in ("P", "L", "1", "I", "I;16"):
     raise BadRecordError(
         path, f"mask has PIL mode {mode!r}; expected a palette ('P') or grayscale ('L') PNG of "
@@ -201,7 +208,8 @@ def image_header_size(path):
   except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as error:
     raise BadRecordError(path, f"file not found ({type(error).__name__})") from error
   except _PIL_ERRORS as error:
-    raise BadRecordError(path, f"corrupt or unreadable image header ({error})") from error
+    raise BadRecordError(path, f"corrupt or unreadable image header ({_pil_problem(error)})"
+                         ) from error
   if not width or not height:
     raise BadRecordError(path, f"empty image of size {width}x{height} (WxH)")
   return height, width
