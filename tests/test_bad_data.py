@@ -9,7 +9,9 @@ import pickle
 import pytest
 
 from rsepm_jax import train
+from rsepm_jax.configs import demo
 from rsepm_jax.configs import voc
+from rsepm_jax.data import array_record
 from rsepm_jax.data import pipeline
 from rsepm_jax.data import preflight
 from rsepm_jax.data import records
@@ -153,9 +155,28 @@ def test_preflight_skips_and_counts_once_what_reading_finds_again(tmp_path, capl
 def test_preflight_names_images_larger_than_eval_size(tmp_path):
   _make_tree(tmp_path)
   config = _config(tmp_path, eval_size=test_voc.W - 1)
-  with pytest.raises(ValueError, match=rf"4 images of evaluated splits are larger than "
-                                       rf"data.eval_size={test_voc.W - 1}"
+  with pytest.raises(ValueError, match=rf"larger than data.eval_size={test_voc.W - 1} in the "
+                                       r"evaluated splits \(4;"
                                        rf".*2007_000100.jpg \({test_voc.H}x{test_voc.W}\)"
                                        rf".*data.eval_size >= {test_voc.W}"):
     preflight.check_training_splits(config.data)
   preflight.check_splits(config.data, train=("val",))  # the train transforms resize: no limit
+
+
+def test_preflight_of_array_record_and_synthetic_splits(tmp_path, caplog):
+  """ArrayRecord: the cheap checks (records present, the first decodes, its size); synthetic: none."""
+  _make_tree(tmp_path / "voc")
+  voc_config = _config(tmp_path / "voc")
+  array_record.write_array_record(
+      {split: sources.make_source(voc_config.data, split) for split in ("train_aug", "val")},
+      dataset="voc", data_dir=tmp_path / "tfds", num_threads=2)
+  config = _config(tmp_path / "tfds", name="array_record", dataset="voc")
+  with caplog.at_level(logging.INFO):
+    preflight.check_training_splits(config.data)
+    preflight.check_training_splits(demo.get_config("smoke").data)
+  assert "split 'val'" in caplog.text and "4 records; the first decodes" in caplog.text
+  assert "split 'train' of data.name='synthetic' is generated in memory" in caplog.text
+  config.data.eval_size = test_voc.W - 1
+  with pytest.raises(ValueError, match=r"splits \(1;.*split='val'"
+                                       rf"\)\[0\] \({test_voc.H}x{test_voc.W}\)"):
+    preflight.check_training_splits(config.data)

@@ -149,6 +149,6 @@ def _too_large_message(too_large, max_size):
                     too_large[:_MAX_NAMED_FILES])
   more = ", ..." if len(too_large) > _MAX_NAMED_FILES else ""
   largest = max(max(size) for _, size in too_large)
-  return (f"Pre-flight check: {len(too_large)} images of evaluated splits are larger than "
-          f"data.eval_size={max_size} (evaluation and export pad each image to eval_size x "
+  return (f"Pre-flight check: images larger than data.eval_size={max_size} in the evaluated "
+          f"splits ({len(too_large)}; evaluation and export pad each image to eval_size x "
           f"eval_size and never resize it): {named}{more}. Set data.eval_size >= {largest}.")
