@@ -46,6 +46,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from rsepm_jax import checkpoint
+from rsepm_jax import config_check
 from rsepm_jax import evaluate
 from rsepm_jax import image_ops
 from rsepm_jax import metrics
@@ -328,4 +329,4 @@ def main(argv):
 
 if __name__ == "__main__":
   jax.config.config_with_absl()
-  app.run(main)
+  app.run(main, flags_parser=config_check.parse_flags)
