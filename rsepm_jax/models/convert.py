@@ -256,10 +256,9 @@ def convert_file(src, dst, depth=50):
   """Converts the torchvision checkpoint `src` to `dst`: an `.npz` of flattened variables, or a
   `.safetensors` of the torchvision keys the model uses (no PyTorch needed to read either)."""
   state_dict = load_state_dict(src)
-  missing, unexpected = compare_keys(state_dict, depth)
-  print(f"Missing keys ({len(missing)}): {missing}")
-  print(f"Unexpected keys, dropped ({len(unexpected)}): {unexpected}")
-  variables = from_torchvision(state_dict, depth)
+  variables = from_torchvision(state_dict, depth)  # raises on a missing key or another depth
+  _, unexpected = compare_keys(state_dict, depth)
+  print(f"Unexpected keys, dropped ({len(unexpected)}): {_listed(unexpected)}")
   dst = epath.Path(dst)
   if dst.suffix == ".safetensors":
     dst.write_bytes(safetensors.numpy.save(
