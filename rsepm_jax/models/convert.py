@@ -131,16 +131,17 @@ def compare_keys(state_dict, depth):
   return sorted(set(expected) - given), sorted(given - set(expected))
 
 
-def from_torchvision(state_dict, depth):
-  """torchvision ResNet state dict {key: np.ndarray} -> `resnet(depth)` variables.
+def from_torchvision(state_dict, depth, where="torchvision state dict"):
+  """torchvision ResNet state dict {key: np.ndarray} -> `resnet(depth)` variables; `where`
+  (e.g. the file) starts the error messages.
 
   Returns {"params": ..., "batch_stats": ...} of float32 numpy arrays. Missing keys and shape
   mismatches raise ValueError; unexpected keys (e.g. `fc.*`) are logged and dropped.
   """
-  check_depth(state_dict, depth, "torchvision state dict")
+  check_depth(state_dict, depth, where)
   missing, unexpected = compare_keys(state_dict, depth)
   if missing:
-    raise ValueError(f"ResNet-{depth} state dict lacks {len(missing)} keys: {_listed(missing)}")
+    raise ValueError(f"{where}: a ResNet-{depth} state dict lacks {len(missing)} keys: {_listed(missing)}")
   if any(not k.startswith("fc.") for k in unexpected):
     logging.warning("Dropped %d unexpected keys: %s", len(unexpected), _listed(unexpected))
   elif unexpected:
@@ -149,7 +150,7 @@ def from_torchvision(state_dict, depth):
   for key, (collection, path, torch_shape) in expected_torchvision_shapes(depth).items():
     value = np.asarray(state_dict[key], np.float32)
     if value.shape != torch_shape:
-      raise ValueError(f"Shape mismatch for {key}: checkpoint has {value.shape}, "
+      raise ValueError(f"{where}: shape mismatch for {key}: checkpoint has {value.shape}, "
                        f"ResNet-{depth} expects {torch_shape}.")
     if collection == "params" and path[-1] == "kernel":
       value = np.ascontiguousarray(value.transpose(2, 3, 1, 0))  # OIHW -> HWIO
@@ -229,7 +230,7 @@ def load_backbone_variables(path, depth):
   """`resnet(depth)` variables from a torchvision / timm checkpoint or a converted `.npz`."""
   arrays = load_state_dict(path)
   if epath.Path(path).suffix != ".npz":
-    return from_torchvision(arrays, depth)
+    return from_torchvision(arrays, depth, str(path))
   check_depth(arrays, depth, str(path))
   variables = traverse_util.unflatten_dict(arrays, sep="/")
   _check_same_shapes(abstract_variables(depth), variables, str(path))
@@ -256,7 +257,7 @@ def convert_file(src, dst, depth=50):
   """Converts the torchvision checkpoint `src` to `dst`: an `.npz` of flattened variables, or a
   `.safetensors` of the torchvision keys the model uses (no PyTorch needed to read either)."""
   state_dict = load_state_dict(src)
-  variables = from_torchvision(state_dict, depth)  # raises on a missing key or another depth
+  variables = from_torchvision(state_dict, depth, str(src))  # raises on a missing key or depth
   _, unexpected = compare_keys(state_dict, depth)
   print(f"Unexpected keys, dropped ({len(unexpected)}): {_listed(unexpected)}")
   dst = epath.Path(dst)
