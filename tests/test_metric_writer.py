@@ -82,23 +82,34 @@ def smoke_config(**train_overrides):
   return config
 
 
-def test_training_writes_tensorboard_scalars_pictures_and_log_file(tmp_path):
-  # The config of test_train's run (one compilation of the step for both); RecurSeed and mixing
-  # are on from step 4, so the pictures at the evaluation of step 12 and at the end show all.
+@pytest.fixture
+def info_logs():
+  """absl INFO lines on, as under `absl.app.run` (tests default to WARNING)."""
+  verbosity = logging.get_verbosity()
   logging.set_verbosity(logging.INFO)
-  config = smoke_config(num_epochs=6, log_every=1, eval_every=12)
+  yield
+  logging.set_verbosity(verbosity)
+
+
+def test_training_writes_events_pictures_and_log_and_a_resume_replays_no_row(tmp_path, info_logs):
+  # The config of test_train's run (one compilation of the step for both). RecurSeed and mixing
+  # are on from step 4, so the pictures at the evaluation of step 12 and at the end show all.
+  config = smoke_config(num_epochs=6, log_every=1, eval_every=12, checkpoint_every=12)
   train.train_and_evaluate(config, str(tmp_path))
 
+  # ---------------------------------------------------------- scalars equal metrics.jsonl
   (events_file,) = event_files(tmp_path)
   scalars, images = scalars_and_images(read_events(events_file))
+  first_rows = metric_writer.read_metrics(tmp_path)
   expected = {}
-  for row in metric_writer.read_metrics(tmp_path):
+  for row in first_rows:
     expected.update({(k, row["step"]): v for k, v in row.items() if k not in ("step", "time")})
   assert {tag for tag, _ in expected} >= {"loss", "loss_seg", "lr", "eval_cam_miou"}
   assert scalars.keys() == expected.keys()
   for key, value in expected.items():
     assert scalars[key] == pytest.approx(value, rel=1e-6, abs=1e-30), key
 
+  # ---------------------------------------------------------- pictures
   size = config.data.crop_size
   num = config.train.num_summary_images
   strip_width = num * size + (num - 1) * metric_writer.STRIP_GAP
@@ -113,37 +124,34 @@ def test_training_writes_tensorboard_scalars_pictures_and_log_file(tmp_path):
     assert {tuple(p) for p in pixels} <= palette
     assert np.any(np.all(pixels != (224, 224, 192), axis=1) & np.all(pixels != 255, axis=1))
 
+  # ---------------------------------------------------------- log file
   log = (tmp_path / metric_writer.LOG_FILE).read_text()
   assert log.startswith("===== ")
   assert "step 24/24 loss=" in log and "eval val: 16/16 images" in log
 
-
-def test_resume_drops_replayed_metrics_rows_and_purges_tensorboard(tmp_path):
-  # 4 steps, checkpoints at 2 and 4; losing checkpoint 4 makes the re-run replay steps 3-4.
-  config = smoke_config(num_epochs=1, log_every=1, checkpoint_every=2)
-  train.train_and_evaluate(config, str(tmp_path))
-  first_rows = metric_writer.read_metrics(tmp_path)
-  assert [r["step"] for r in first_rows if "loss" in r] == [1, 2, 3, 4]
-  for path in sorted((tmp_path / "checkpoints" / "4").rglob("*"), reverse=True):
+  # ---------------------------------------------------------- resume after losing step 24
+  # The re-run resumes from checkpoint 12 and replays steps 13-24 (after a kill mid-write).
+  for path in sorted((tmp_path / "checkpoints" / "24").rglob("*"), reverse=True):
     path.unlink() if path.is_file() else path.rmdir()
-  (tmp_path / "checkpoints" / "4").rmdir()
+  (tmp_path / "checkpoints" / "24").rmdir()
   with (tmp_path / metric_writer.METRICS_FILE).open("a") as f:
-    f.write('{"step": 5, "lo')  # a line cut short by a kill
-
+    f.write('{"step": 25, "lo')
   train.train_and_evaluate(config, str(tmp_path))
   rows = metric_writer.read_metrics(tmp_path)
-  assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
-  assert [r["step"] for r in rows if "eval_cam_miou" in r] == [4]
-  second_start = max(r["time"] for r in first_rows)
-  assert all((r["time"] > second_start) == (r["step"] > 2) for r in rows)
+  assert [r["step"] for r in rows if "loss" in r] == list(range(1, 25))
+  assert [r["step"] for r in rows if "eval_cam_miou" in r] == [12, 24]
+  first_run_end = max(r["time"] for r in first_rows)
+  assert all((r["time"] > first_run_end) == (r["step"] > 12) for r in rows)
+  assert log.count("===== ") == 1
+  assert (tmp_path / metric_writer.LOG_FILE).read_text().count("===== ") == 2  # appended
 
   first, second = (read_events(path) for path in event_files(tmp_path))
   # TensorBoard drops the first file's events from the purge step on (SessionLog START).
   purges = [e.step for e in second if e.HasField("session_log")
             and e.session_log.status == event_pb2.SessionLog.START]
-  assert purges == [3]
-  assert {e.step for e in first if e.summary.value} == {1, 2, 3, 4}
-  assert {e.step for e in second if e.summary.value} == {3, 4}
+  assert purges == [13]
+  assert {e.step for e in first if e.summary.value} == set(range(1, 25))
+  assert {e.step for e in second if e.summary.value} == set(range(13, 25))
 
 
 def test_drop_rows_after_keeps_earlier_rows_and_drops_a_cut_line(tmp_path):
