@@ -281,7 +281,7 @@ def check_saved(saved_record, config, where, training, allow_change, steps_per_e
     logging.warning("Config changes since %s, allowed by --allow_config_change:\n%s", where,
                 format_differences(refused))
   if allowed:
-    logging.info("Config changes since %s (safe):\n%s", where, format_differences(allowed))
+    logging.info("Config changes since %s, allowed:\n%s", where, format_differences(allowed))
   return refused
 
 

@@ -171,7 +171,7 @@ def test_resume_with_allow_config_change_trains_on_with_the_new_config(trained, 
   with caplog.at_level("INFO", logger="absl"):
     train.train_and_evaluate(config, str(workdir), allow_config_change=True)
   assert "allowed by --allow_config_change:\n  seed: 0 -> 1" in caplog.text
-  assert "(safe):\n  train.log_every: 1 -> 2" in caplog.text
+  assert "allowed:\n  train.log_every: 1 -> 2" in caplog.text
   assert "Training steps 20..24" in caplog.text
   assert json.loads((workdir / "done.json").read_text())["step"] == 24
   manager = checkpoint.make_manager(workdir)
