@@ -82,7 +82,7 @@ def test_bad_record_error_survives_pickling():
 @pytest.mark.parametrize("make_bad", [_corrupt_jpeg, _truncated_jpeg, _empty_tags, _mask_value_50],
                          ids=lambda f: f.__name__.strip("_"))
 def test_bad_record_under_workers_names_the_file(tmp_path, make_bad):
-  """The error a worker process raises reaches the training loop with the file named."""
+  """The error a worker process raises reaches the main process with the file named."""
   bad_path, = _make_tree(tmp_path, bad_train=[make_bad])
   config = _config(tmp_path, num_workers=2)
   iterator = pipeline.train_iterator(config.data, NUM_TRAIN, seed=0)
