@@ -89,10 +89,12 @@ def make_pictures_fn(model, config, mesh, steps_per_epoch, num_images):
 class TrainingPictures:
   """Writes the pictures of `make_pictures_fn` to a `MetricWriter` (every process must call
   `write`: the function runs collectives); the seeds once RecurSeed is on, the mixed batch once
-  mixing is on (`config.loss`)."""
+  mixing is on (`config.loss`). Nothing is computed without `config.train.tensorboard`."""
 
   def __init__(self, model, config, mesh, steps_per_epoch):
-    self._num_images = min(config.train.num_summary_images, config.train.global_batch_size)
+    self._num_images = 0
+    if config.train.tensorboard:
+      self._num_images = min(config.train.num_summary_images, config.train.global_batch_size)
     self._loss_config = config.loss
     self._steps_per_epoch = steps_per_epoch
     self._fn = None
