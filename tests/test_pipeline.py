@@ -168,16 +168,32 @@ def test_orbax_checkpoint_round_trip(use_source, tmp_path):
   resumed.close()
 
 
-def test_bad_records_are_skipped_and_batches_stay_full(use_source):
-  bad = {1, 4, 7}
+def test_bad_records_are_replaced_by_the_next_good_one_and_batches_stay_full(use_source):
+  bad = {1, 4, 5, 11}
   use_source(IndexedSource(12, bad_indices=bad))
   iterator = pipeline.train_iterator(_data_config(**NO_AUGMENT), 3, seed=0, process_index=0,
                                      process_count=1)
-  batches = _take(iterator, 6)  # two epochs of the 9 good records
+  batches = _take(iterator, 8)  # two epochs of 12 positions
   iterator.close()
+  assert all(batch["image"].shape[0] == 3 for batch in batches)
   seen = [i for batch in batches for i in _indices(batch["labels"])]
-  good = sorted(set(range(12)) - bad)
-  assert sorted(seen[:9]) == good and sorted(seen[9:]) == good
+  # 1 -> 2, 4 and 5 -> 6, 11 -> 0 (wraps around); every good record still appears.
+  expected = sorted([0, 2, 3, 6, 7, 8, 9, 10] + [2, 6, 6, 0])
+  assert sorted(seen[:12]) == expected and sorted(seen[12:]) == expected
+
+
+def test_batches_do_not_depend_on_the_number_of_workers(use_source):
+  use_source(IndexedSource(16, bad_indices={3}))
+  config = _data_config()
+  runs = []
+  for num_workers in (0, 2):
+    config.num_workers = num_workers
+    iterator = pipeline.train_iterator(config, 4, seed=7, process_index=0, process_count=1)
+    runs.append(_take(iterator, 6))
+    iterator.close()
+  for without_workers, with_workers in zip(*runs):
+    for key in ("image", "mask", "labels", "crop_box"):
+      np.testing.assert_array_equal(with_workers[key], without_workers[key])
 
 
 def test_global_batch_must_divide_among_processes(use_source):

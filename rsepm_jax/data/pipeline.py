@@ -8,11 +8,13 @@ the random transforms are applied before the per-host shard so that each record'
 augmentation depends only on its global position (not on which host reads it or how many
 hosts there are); host `i` of `n` then reads the `i`-th contiguous slice of every global
 batch, so the global batch, in order, is the same for any number of hosts (a 2-host run
-computes what a 1-host run with as many devices computes). Records a
-source returns as None (bad records it was told to skip) are dropped by
-`to_iter_dataset` before batching, so every batch is full. The iterator's state is
-grain's JSON state: `get_state`/`set_state` and `grain.checkpoint.CheckpointSave/Restore`
-resume it exactly, with or without worker processes (same host count only).
+computes what a 1-host run with as many devices computes). Batches are formed before
+grain's worker processes take them (worker `k` of `w` reads whole batches `k::w`, handed out
+in order), so the batches are also the same for any `data.num_workers`. A record the source
+returns as None (a bad record it was told to skip) is replaced by the next good record in
+source order, so every batch is full. The iterator's state is grain's JSON state:
+`get_state`/`set_state` and `grain.checkpoint.CheckpointSave/Restore` resume it exactly,
+with or without worker processes (same host count only).
 
 Eval: each host reads a disjoint shard `i::n` of the split in order, padded with dummy
 records (`valid` False, mask all 255) so every host yields the same number of batches.
@@ -45,9 +47,29 @@ def _local_batch_size(global_batch_size, process_count):
   return global_batch_size // process_count
 
 
-def _read_options(data_config):
-  return grain.ReadOptions(num_threads=data_config.read_threads,
-                           prefetch_buffer_size=data_config.prefetch_buffer_size)
+def _read_options(data_config, records_per_element=1):
+  """grain read threads and read-ahead; `data.prefetch_buffer_size` counts records."""
+  return grain.ReadOptions(
+      num_threads=data_config.read_threads,
+      prefetch_buffer_size=max(1, data_config.prefetch_buffer_size // records_per_element))
+
+
+class _NextGoodRecord:
+  """Random-access view of `source` where a skipped bad record (None) is replaced by the next
+  good record in source order (wrapping around), so that train batches stay full."""
+
+  def __init__(self, source):
+    self._source = source
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, index):
+    for offset in range(len(self._source)):
+      record = self._source[(index + offset) % len(self._source)]
+      if record is not None:
+        return record
+    raise ValueError(f"Every record of {self._source!r} is bad (all were skipped).")
 
 
 def _without_id(record):
@@ -102,7 +124,7 @@ def train_iterator(data_config, global_batch_size, seed, process_index=None,
   if not len(source):
     raise ValueError(f"The train split {data_config.train_split!r} of dataset "
                      f"{data_config.name!r} is empty.")
-  dataset = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
+  dataset = grain.MapDataset.source(_NextGoodRecord(source)).seed(seed).shuffle().repeat(None)
   for transform in transforms_lib.train_transforms(data_config):
     if isinstance(transform, grain.transforms.RandomMap):
       dataset = dataset.random_map(transform)
@@ -110,9 +132,9 @@ def train_iterator(data_config, global_batch_size, seed, process_index=None,
       dataset = dataset.map(transform)
   dataset = _HostSliceOfGlobalBatches(
       dataset.map(_without_id), process_index, process_count, local_batch_size)
-  # `to_iter_dataset` drops the None records; batching after it keeps batches full.
-  dataset = dataset.to_iter_dataset(_read_options(data_config))
+  # Batched before `to_iter_dataset`: grain's workers then split whole batches, not records.
   dataset = dataset.batch(local_batch_size, drop_remainder=True)
+  dataset = dataset.to_iter_dataset(_read_options(data_config, local_batch_size))
   if data_config.num_workers > 0:
     dataset = dataset.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=data_config.num_workers))
