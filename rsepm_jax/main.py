@@ -8,9 +8,11 @@ Modes: train (resumes from the latest checkpoint in --workdir, then evaluates), 
 checkpoint: the latest or --step), export (pseudo-label PNGs of config.export.split).
 
 Configs: configs/demo.py (synthetic data), configs/voc.py, configs/coco.py, each with a :smoke
-variant; an installed package carries them in rsepm_jax/configs/. Every knob is listed, with a
+variant; an installed package carries them in its rsepm_jax/configs/ folder
+(python -c "import rsepm_jax.configs as c; print(c.__path__[0])"). Every knob is listed, with a
 one-line comment, in rsepm_jax/configs/demo.py; override any with --config.KEY=VALUE (e.g.
---config.train.num_epochs=20). docs/algorithm.md gives the config key of every method choice.
+--config.train.num_epochs=20). The repository's docs/algorithm.md gives the config key of every
+method choice.
 """
 from absl import app
 from absl import flags
