@@ -8,6 +8,7 @@
 * `log_to_file`: the console's log lines also go to `workdir/log.txt`.
 * `CountProgress`: "eval val: 320/1449 images, 41.2 img/s, ETA 00:00:27" lines.
 """
+import atexit
 import json
 import logging as py_logging
 import os
@@ -25,6 +26,8 @@ TENSORBOARD_DIR = "tensorboard"
 LOG_FILE = "log.txt"
 # Pixels between the pictures of a TensorBoard image strip.
 STRIP_GAP = 2
+# TensorBoard events reach the file (tensorboardX's writer thread) at most this long after.
+FLUSH_SECONDS = 30
 
 
 class MetricWriter:
@@ -47,7 +50,9 @@ class MetricWriter:
     if tensorboard:
       logdir = epath.Path(workdir) / TENSORBOARD_DIR
       try:
-        self._tensorboard = tensorboardX.SummaryWriter(str(logdir), purge_step=start_step + 1)
+        self._tensorboard = tensorboardX.SummaryWriter(
+            str(logdir), purge_step=start_step + 1, flush_secs=FLUSH_SECONDS)
+        atexit.register(self.close)  # a run that stops on an error keeps its last events
       except ImportError as e:  # gs:// needs google-cloud-storage
         logging.warning("No TensorBoard events in %s (metrics still go to %s): %s", logdir,
                         self._path, e)
@@ -63,7 +68,6 @@ class MetricWriter:
     if self._tensorboard is not None:
       for name, value in scalars.items():
         self._tensorboard.add_scalar(name, float(value), int(step), walltime=record["time"])
-      self._tensorboard.flush()
 
   def write_images(self, step, images):
     """Records `{tag: uint8 [N, H, W, 3]}` at `step`, each as one strip of its N pictures
@@ -73,7 +77,6 @@ class MetricWriter:
     for tag, pictures in images.items():
       self._tensorboard.add_image(tag, image_strip(np.asarray(pictures)), int(step),
                                   dataformats="HWC")
-    self._tensorboard.flush()
 
   def close(self):
     """Writes out the queued TensorBoard events (tensorboardX writes them from a thread)."""

@@ -3,6 +3,8 @@ and the evaluation progress lines, from real smoke training runs on the 8 test d
 import io
 import json
 import struct
+import subprocess
+import sys
 import time
 import types
 
@@ -152,6 +154,19 @@ def test_training_writes_events_pictures_and_log_and_a_resume_replays_no_row(tmp
   assert purges == [13]
   assert {e.step for e in first if e.summary.value} == set(range(1, 25))
   assert {e.step for e in second if e.summary.value} == set(range(13, 25))
+
+
+def test_events_written_before_an_error_reach_the_file(tmp_path):
+  # tensorboardX writes from a thread and flushes every FLUSH_SECONDS: the exit flushes too.
+  script = ("import sys; from rsepm_jax import metric_writer; "
+            "w = metric_writer.MetricWriter(sys.argv[1]); "
+            "[w.write(s, {'loss': 1.0 / s}) for s in (1, 2, 3)]; raise SystemExit('error')")
+  result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120, check=False)
+  assert result.returncode == 1 and "error" in result.stderr
+  (events_file,) = event_files(tmp_path)
+  scalars, _ = scalars_and_images(read_events(events_file))
+  assert scalars == {("loss", s): pytest.approx(1.0 / s) for s in (1, 2, 3)}
 
 
 def test_drop_rows_after_keeps_earlier_rows_and_drops_a_cut_line(tmp_path):
