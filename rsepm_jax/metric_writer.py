@@ -47,15 +47,11 @@ class MetricWriter:
     if not self._enabled:
       return
     drop_rows_after(self._path, start_step)
-    if tensorboard:
-      logdir = epath.Path(workdir) / TENSORBOARD_DIR
-      try:
-        self._tensorboard = tensorboardX.SummaryWriter(
-            str(logdir), purge_step=start_step + 1, flush_secs=FLUSH_SECONDS)
-        atexit.register(self.close)  # a run that stops on an error keeps its last events
-      except ImportError as e:  # gs:// needs google-cloud-storage
-        logging.warning("No TensorBoard events in %s (metrics still go to %s): %s", logdir,
-                        self._path, e)
+    logdir = epath.Path(workdir) / TENSORBOARD_DIR
+    if tensorboard and tensorboard_can_write(logdir):
+      self._tensorboard = tensorboardX.SummaryWriter(
+          str(logdir), purge_step=start_step + 1, flush_secs=FLUSH_SECONDS)
+      atexit.register(self.close)  # a run that stops on an error keeps its last events
 
   def write(self, step, scalars):
     """Records `{name: number}` at `step`."""
@@ -83,6 +79,21 @@ class MetricWriter:
     if self._tensorboard is not None:
       self._tensorboard.close()
       self._tensorboard = None
+
+
+def tensorboard_can_write(logdir):
+  """Whether tensorboardX can write to `logdir`: False, with a warning, for a `gs://` path
+  without google-cloud-storage (which tensorboardX's gs:// writer uploads with)."""
+  if not str(logdir).startswith("gs://"):
+    return True
+  try:
+    import google.cloud.storage  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    logging.warning("No TensorBoard events in %s: tensorboardX writes gs:// paths with "
+                    "google-cloud-storage (pip install google-cloud-storage); %s is written as "
+                    "usual.", logdir, METRICS_FILE)
+    return False
+  return True
 
 
 def image_strip(pictures):

@@ -169,6 +169,12 @@ def test_events_written_before_an_error_reach_the_file(tmp_path):
   assert scalars == {("loss", s): pytest.approx(1.0 / s) for s in (1, 2, 3)}
 
 
+def test_gs_workdir_without_google_cloud_storage_skips_tensorboard(monkeypatch):
+  monkeypatch.setitem(sys.modules, "google.cloud.storage", None)  # import fails
+  assert not metric_writer.tensorboard_can_write("gs://bucket/run/tensorboard")
+  assert metric_writer.tensorboard_can_write("/tmp/run/tensorboard")
+
+
 def test_drop_rows_after_keeps_earlier_rows_and_drops_a_cut_line(tmp_path):
   path = tmp_path / metric_writer.METRICS_FILE
   rows = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
