@@ -6,6 +6,7 @@ once its save has committed, so a crash mid-save leaves the previous checkpoint 
 config with; checkpoints written before it existed restore without it.
 """
 import logging as py_logging
+import os
 
 from absl import logging
 from etils import epath
@@ -30,11 +31,16 @@ def quiet_library_logs():
 
 
 def make_manager(workdir, save_interval_steps=1, max_to_keep=2):
-  """CheckpointManager over `workdir/checkpoints` (created on process 0 if missing)."""
+  """CheckpointManager over `workdir/checkpoints` (created on process 0 if missing).
+
+  A relative local `workdir` is made absolute first (orbax refuses relative paths).
+  """
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=save_interval_steps, max_to_keep=max_to_keep, create=True)
-  return ocp.CheckpointManager(
-      epath.Path(workdir) / "checkpoints", options=options, item_names=(STATE, DATA_ITER, CONFIG))
+  directory = epath.Path(workdir) / "checkpoints"
+  if "://" not in str(workdir):
+    directory = epath.Path(os.path.abspath(directory))
+  return ocp.CheckpointManager(directory, options=options, item_names=(STATE, DATA_ITER, CONFIG))
 
 
 def save(manager, step, state, data_iter, config_record=None, force=False):

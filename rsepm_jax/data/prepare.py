@@ -1,6 +1,6 @@
 r"""Converts dataset splits to ArrayRecord (no TensorFlow needed), e.g. for a TPU pod on gs://.
 
-    python -m rsepm_jax.data.prepare --dataset=voc --root=/data/VOC2012 \
+    python -m rsepm_jax.data.prepare --dataset=voc --root=/data/VOCdevkit/VOC2012 \
         --splits=train_aug,train,val --eval_splits=train,val --out=gs://bucket/rsepm_data
 
 writes `<out>/rsepm_segmentation/voc/1.0.0/` (see `array_record.py`); train from it with the
