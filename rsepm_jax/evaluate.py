@@ -6,6 +6,7 @@ over the valid image, GT classes only, background by a constant threshold swept 
 `seg_logits` over all C+1 classes. Confusion matrices are summed on device across the batch
 (and so across devices and hosts) and accumulated on the host in int64.
 """
+import contextlib
 import json
 
 from absl import logging
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rsepm_jax import image_ops
+from rsepm_jax import metric_writer
 from rsepm_jax import metrics
 from rsepm_jax import parallel
 from rsepm_jax.data import classes
@@ -64,8 +66,10 @@ def make_eval_step(model, num_classes, thresholds, mesh):
 def device_eval_batches(config, split, mesh):
   """Yields `(host batch, global batch)` for every eval batch of `split` (the global one without
   the host-side `id`)."""
-  for host_batch in pipeline.eval_batches(config.data, split, config.eval.global_batch_size):
-    yield host_batch, parallel.to_global({k: v for k, v in host_batch.items() if k != "id"}, mesh)
+  batches = iter(pipeline.eval_batches(config.data, split, config.eval.global_batch_size))
+  with contextlib.closing(batches):  # grain's read threads stop even when the caller stops early
+    for host_batch in batches:
+      yield host_batch, parallel.to_global({k: v for k, v in host_batch.items() if k != "id"}, mesh)
 
 
 def evaluate(model, variables, config, mesh, split=None):
@@ -76,11 +80,13 @@ def evaluate(model, variables, config, mesh, split=None):
   parallel.local_batch_size(config.eval.global_batch_size, "config.eval.global_batch_size")
   totals = {}
   num_images = 0
+  progress = metric_writer.CountProgress(f"eval {split}", pipeline.num_records(config.data, split))
   for index, (_, batch) in enumerate(device_eval_batches(config, split, mesh)):
     if index == 0:
       eval_step = parallel.compile_on_every_process(eval_step, variables, batch, name="eval_step")
     confusions = eval_step(variables, batch)
     num_images += int(confusions.pop("num_images"))
+    progress.advance(config.eval.global_batch_size)
     for name, value in confusions.items():
       totals[name] = metrics.accumulate(totals.get(name, np.zeros(value.shape, np.int64)), value)
   cam = metrics.best_threshold(totals["cam"], thresholds)

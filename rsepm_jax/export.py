@@ -14,10 +14,14 @@ import numpy as np
 from PIL import Image
 
 from rsepm_jax import evaluate
+from rsepm_jax import metric_writer
 from rsepm_jax import metrics
 from rsepm_jax import parallel
 from rsepm_jax import train
 from rsepm_jax.data import classes
+from rsepm_jax.data import pipeline
+from rsepm_jax.data import preflight
+from rsepm_jax.data import records
 from rsepm_jax.train_step import model_inputs
 
 
@@ -28,13 +32,19 @@ def pseudo_labels(seg_logits, labels, crop_box, size, bg_threshold):
   return metrics.cam_threshold_predictions(foreground, labels, jnp.asarray([bg_threshold]))[0]
 
 
-def export_pseudo_labels(config, workdir, step=None, split=None):
-  """Writes the PNGs of `split` (default `config.export.split`); returns how many this host wrote."""
+@records.logs_bad_files
+def export_pseudo_labels(config, workdir, step=None, split=None, allow_config_change=False):
+  """Writes the PNGs of `split` (default `config.export.split`); returns how many this host wrote.
+
+  `allow_config_change`: see `train.restore_for_inference`."""
   split = split or config.export.split
   if not config.model.with_decoder:
     raise ValueError("--mode=export needs the decoder (config.model.with_decoder=True).")
   mesh = parallel.make_mesh()
-  model, variables, step = train.restore_for_inference(config, workdir, mesh, step)
+  model, variables, step = train.restore_for_inference(config, workdir, mesh, step,
+                                                       allow_config_change)
+  preflight.check_splits(config.data, evaluated=(split,))
+  metric_writer.log_to_file(workdir)
 
   def predict(variables, batch):
     outputs = model.apply(variables, model_inputs(batch), train=False)
@@ -47,6 +57,7 @@ def export_pseudo_labels(config, workdir, step=None, split=None):
   out_dir.mkdir(parents=True, exist_ok=True)
   palette = classes.color_palette().reshape(-1).tolist()
   written = 0
+  progress = metric_writer.CountProgress(f"export {split}", pipeline.num_records(config.data, split))
   for index, (host_batch, batch) in enumerate(evaluate.device_eval_batches(config, split, mesh)):
     if index == 0:
       predict = parallel.compile_on_every_process(predict, variables, batch, name="export")
@@ -62,6 +73,7 @@ def export_pseudo_labels(config, workdir, step=None, split=None):
       with (out_dir / f"{image_id}.png").open("wb") as f:
         png.save(f, format="PNG")
       written += 1
+    progress.advance(config.eval.global_batch_size)
   logging.info("Wrote %d pseudo-label PNGs of split %r (checkpoint step %d) to %s.",
                written, split, step, out_dir)
   return written

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from rsepm_jax import checkpoint
+from rsepm_jax import config_check
 from rsepm_jax import evaluate
 from rsepm_jax import metric_writer
 from rsepm_jax import optimizer
@@ -22,11 +23,14 @@ from rsepm_jax import parallel
 from rsepm_jax import preemption
 from rsepm_jax import state as state_lib
 from rsepm_jax import train_step
+from rsepm_jax import visualize
 from rsepm_jax.data import pipeline
+from rsepm_jax.data import preflight
+from rsepm_jax.data import records
 
 
-def prepare_workdir(workdir, config):
-  """Creates `workdir` (a clear error if it cannot) and records the config on first use."""
+def prepare_workdir(workdir):
+  """Creates `workdir` (a clear error if it cannot)."""
   path = epath.Path(workdir)
   try:
     path.mkdir(parents=True, exist_ok=True)
@@ -34,11 +38,13 @@ def prepare_workdir(workdir, config):
     raise OSError(f"Cannot create workdir {workdir!r}: {e}") from e
   if not path.is_dir():
     raise NotADirectoryError(f"workdir {workdir!r} exists and is not a directory.")
-  if jax.process_index() == 0:
-    config_file = path / "config.json"
-    if not config_file.exists():
-      config_file.write_text(config.to_json(indent=2))
   return path
+
+
+def write_config(workdir, config):
+  """`workdir/config.json` (process 0): the config of the latest training run."""
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / "config.json").write_text(config.to_json(indent=2))
 
 
 # A progress line warns when the loop spent more than this share of its time waiting for input.
@@ -105,21 +111,38 @@ def _check_finite(pending):
           "the data.")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+@records.logs_bad_files
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_config_change=False):
   """Trains per `config`, checkpointing to and resuming from `workdir`; returns final results.
+
+  The config is validated before `workdir` is touched. A resume compares it with the config
+  saved with the checkpoint and refuses changes of the network or the schedule (naming the
+  keys) unless `allow_config_change`; see `config_check`.
 
   On a preemption notice (SIGTERM) every process saves at the same step and this returns
   `{"preempted_at_step": step}` instead; re-running the same command continues from there.
   """
   # ------------------------------------------------------------------ workdir and mesh
-  prepare_workdir(workdir, config)
+  config_check.validate(config)
+  prepare_workdir(workdir)
+  metric_writer.log_to_file(workdir)
   mesh = parallel.make_mesh()
   parallel.local_batch_size(config.train.global_batch_size, "config.train.global_batch_size")
   logging.info("Devices: %d over %d host(s); this is host %d.",
                jax.device_count(), jax.process_count(), jax.process_index())
 
-  # ------------------------------------------------------------------ input
+  # ------------------------------------------------------------------ schedule, saved config
   steps_per_epoch, total_steps = schedule_lengths(config)
+  parallel.wait_for_all_processes("checkpoint_manager")  # orbax's first sync is a collective
+  manager = checkpoint.make_manager(workdir, max_to_keep=config.train.max_checkpoints)
+  resume_step, differing = manager.latest_step(), []
+  if resume_step is not None:  # before the input and the model: a refusal comes in seconds
+    differing = checkpoint.check_config(manager, resume_step, config, True, allow_config_change,
+                                        steps_per_epoch)
+  write_config(workdir, config)
+
+  # ------------------------------------------------------------------ input
+  preflight.check_training_splits(config.data)  # every split, before the first step
   data_iter = parallel.DeviceBatches(
       pipeline.train_iterator(config.data, config.train.global_batch_size, config.seed), mesh,
       config.data.device_prefetch)
@@ -132,21 +155,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   state = state_lib.create_train_state(model, tx, config, init_rng, mesh)
 
   # ------------------------------------------------------------------ checkpoint restore
-  parallel.wait_for_all_processes("train_state_ready")  # orbax's first sync is a collective
-  manager = checkpoint.make_manager(workdir, max_to_keep=config.train.max_checkpoints)
-  if manager.latest_step() is not None:
-    logging.info("Resuming from checkpoint step %d in %s.", manager.latest_step(), workdir)
-    state = checkpoint.restore(manager, manager.latest_step(), state, data_iter)
+  if resume_step is not None:
+    parallel.wait_for_all_processes("train_state_ready")  # restore is a collective too
+    logging.info("Resuming from checkpoint step %d in %s.", resume_step, workdir)
+    state = checkpoint.restore(manager, resume_step, state, data_iter, differing)
+  config_record = config_check.checkpoint_record(config, steps_per_epoch)
   start_step = int(state["step"])
 
   # ------------------------------------------------------------------ step and loop
   step_fn = train_step.make_train_step(model, tx, config, mesh, total_steps, steps_per_epoch)
-  writer = metric_writer.MetricWriter(workdir)
+  writer = metric_writer.MetricWriter(workdir, start_step, config.train.tensorboard)
+  pictures = visualize.TrainingPictures(model, config, mesh, steps_per_epoch)
   progress = Progress(writer, total_steps, config.train.global_batch_size, start_step, data_iter)
   step_rng = parallel.replicate(step_rng, mesh)
   pending = []
   logging.info("Training steps %d..%d (%d per epoch).", start_step, total_steps, steps_per_epoch)
-  with preemption.PreemptionWatch() as watch, _name_lost_processes(manager):
+  with (preemption.PreemptionWatch() as watch, _name_lost_processes(manager),
+        contextlib.closing(data_iter)):  # closed on errors too (grain workers)
     for step in range(start_step + 1, total_steps + 1):
       batch = next(data_iter)
       if step == start_step + 1:
@@ -166,22 +191,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         progress.report(step, {k: float(v) for k, v in pending[-1][1].items()})
         pending = []
       if save_now:
-        checkpoint.save(manager, step, state, data_iter, force=preempted)
+        checkpoint.save(manager, step, state, data_iter, config_record, force=preempted)
       if preempted:
         manager.wait_until_finished()
         manager.close()
-        data_iter.close()
+        writer.close()
         logging.warning("Preempted at step %d: checkpoint saved; re-run the same command to "
                         "continue.", step)
         return {"preempted_at_step": step}
       if config.train.eval_every and step % config.train.eval_every == 0 and not is_last:
+        pictures.write(writer, step, state, batch, step_rng)
         _evaluate_and_report(model, state, config, mesh, workdir, step, writer)
   manager.wait_until_finished()
-  data_iter.close()
   _check_finite(pending)
 
   # ------------------------------------------------------------------ final evaluation
+  if start_step < total_steps:
+    pictures.write(writer, total_steps, state, batch, step_rng)
   results = _evaluate_and_report(model, state, config, mesh, workdir, total_steps, writer)
+  writer.close()
   manager.close()
   write_done(workdir, total_steps, results)
   return results
@@ -224,25 +252,34 @@ def _evaluate_and_report(model, state, config, mesh, workdir, step, writer):
   return results
 
 
-def restore_for_inference(config, workdir, mesh, step=None):
-  """(model, evaluation variables, step) of the checkpoint `step` (default: latest) in `workdir`."""
+def restore_for_inference(config, workdir, mesh, step=None, allow_config_change=False):
+  """(model, evaluation variables, step) of the checkpoint `step` (default: latest) in `workdir`.
+
+  Network changes since the checkpoint are refused unless `allow_config_change` (`config_check`).
+  """
+  config_check.validate(config)
+  parallel.wait_for_all_processes("inference_manager")  # orbax's first sync is a collective
+  manager = checkpoint.make_manager(workdir)
+  step = checkpoint.resolve_step(manager, step)
+  differing = checkpoint.check_config(manager, step, config, False, allow_config_change)
   model = state_lib.build_model(config, bn_axis_name=parallel.DATA_AXIS)
   _, total_steps = schedule_lengths(config)
   tx = optimizer.make_optimizer(config.optim, total_steps)
   target = state_lib.create_train_state(
       model, tx, config, state_lib.prng_key(0), mesh, pretrained=False)
-  parallel.wait_for_all_processes("inference_state_ready")  # orbax's first sync is a collective
-  manager = checkpoint.make_manager(workdir)
-  step = checkpoint.resolve_step(manager, step)
-  state = checkpoint.restore(manager, step, target)
+  parallel.wait_for_all_processes("inference_state_ready")  # restore is a collective too
+  state = checkpoint.restore(manager, step, target, differing=differing)
   manager.close()
   return model, state_lib.eval_variables(state, config.eval.use_ema), step
 
 
-def evaluate_checkpoint(config, workdir, step=None):
+@records.logs_bad_files
+def evaluate_checkpoint(config, workdir, step=None, allow_config_change=False):
   """`--mode=eval`: scores a saved checkpoint (the latest by default) without training."""
   mesh = parallel.make_mesh()
-  model, variables, step = restore_for_inference(config, workdir, mesh, step)
+  model, variables, step = restore_for_inference(config, workdir, mesh, step, allow_config_change)
+  preflight.check_splits(config.data, evaluated=(config.data.eval_split,))
+  metric_writer.log_to_file(workdir)
   results = evaluate.evaluate(model, variables, config, mesh)
   evaluate.report(results, config, workdir, step)
   logging.info("Results: %s", json.dumps({k: results[k]["miou"] for k in ("cam", "decoder") if k in results}))
