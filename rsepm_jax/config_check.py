@@ -46,6 +46,7 @@ _KINDS = (
     ("optim.*", SCHEDULE),  # LR, its group multipliers, poly power, EMA decay and ramp
     ("train.global_batch_size", SCHEDULE),
     ("train.num_epochs", SCHEDULE),
+    ("train.max_steps_per_epoch", SCHEDULE),
     ("loss.*_epoch", SCHEDULE),
     ("*", SAFE),
 )
@@ -144,6 +145,8 @@ def _range_problems(config):
       ("optim.ema_ramp_steps", c.optim.ema_ramp_steps > 0, "> 0"),
       ("train.global_batch_size", c.train.global_batch_size >= 1, ">= 1"),
       ("train.num_epochs", c.train.num_epochs >= 1, ">= 1"),
+      ("train.max_steps_per_epoch", c.train.max_steps_per_epoch >= 0, ">= 0 (0: the whole split)"),
+      ("train.num_summary_images", c.train.num_summary_images >= 0, ">= 0"),
       ("train.log_every", c.train.log_every >= 1, ">= 1"),
       ("train.checkpoint_every", c.train.checkpoint_every >= 1, ">= 1"),
       ("train.max_checkpoints", c.train.max_checkpoints >= 1, ">= 1"),

@@ -25,6 +25,8 @@ from rsepm_jax import config_check
 from rsepm_jax import export
 from rsepm_jax import parallel
 from rsepm_jax import train
+from rsepm_jax.data import preflight
+from rsepm_jax.data import records
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/demo.py or configs/demo.py:smoke.", lock_config=True)
@@ -40,6 +42,11 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "(model.*, data.num_classes) or, when resuming training, the schedule (num_epochs, batch, "
     "LR, phase epochs, train split); the differences are logged as warnings.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+# Errors about the user's files, whose message names the file and the problem: shown without a
+# traceback.
+_INPUT_ERRORS = (records.BadRecordError, preflight.BadSplitError, FileNotFoundError,
+                 NotADirectoryError)
 
 
 def main(argv):
@@ -59,6 +66,8 @@ def main(argv):
       export.export_pseudo_labels(config, _WORKDIR.value, _STEP.value, allow_config_change=allow)
   except config_check.ConfigError as error:
     raise SystemExit(str(error)) from None  # the message names every key: no traceback
+  except _INPUT_ERRORS as error:  # bad or missing data: the message names the files
+    raise SystemExit(f"{type(error).__name__}: {error}") from None
 
 
 if __name__ == "__main__":

@@ -52,13 +52,16 @@ WAIT_WARNING_FRACTION = 0.2
 
 
 def schedule_lengths(config):
-  """(steps per epoch, total steps) from the split size and the global batch."""
+  """(steps per epoch, total steps) from the split size and the global batch, an epoch capped at
+  `train.max_steps_per_epoch` steps when that is > 0 (the data order runs on across epochs)."""
   num_train = pipeline.num_records(config.data, config.data.train_split)
   steps_per_epoch = num_train // config.train.global_batch_size
   if steps_per_epoch == 0:
     raise ValueError(
         f"The train split has {num_train} images, fewer than one global batch "
         f"(config.train.global_batch_size={config.train.global_batch_size}).")
+  if config.train.max_steps_per_epoch:
+    steps_per_epoch = min(steps_per_epoch, config.train.max_steps_per_epoch)
   return steps_per_epoch, steps_per_epoch * config.train.num_epochs
 
 

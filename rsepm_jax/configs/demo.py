@@ -91,6 +91,7 @@ def get_config(arg=None):
   config.train = ml_collections.ConfigDict()
   config.train.global_batch_size = 16  # images per step over all devices and hosts
   config.train.num_epochs = 12  # epochs over the train split
+  config.train.max_steps_per_epoch = 0  # > 0: epochs of at most this many steps (smoke runs)
   config.train.log_every = 20  # steps between progress lines
   config.train.checkpoint_every = 200  # steps between checkpoints (and one at the end)
   config.train.max_checkpoints = 2  # checkpoints kept on disk

@@ -90,9 +90,10 @@ def get_config(arg=None):
     config.model.aspp_dilations = (1, 2, 3)
     config.model.dtype = "float32"
     config.train.global_batch_size = 8
-    # One phase per epoch: CAM only, + RecurSeed, + mixing. A 16-image train split gives 2 steps
-    # per epoch; every step is logged, a checkpoint is written after the RecurSeed epoch.
+    # One phase per epoch: CAM only, + RecurSeed, + mixing, 2 steps each (also on a full data
+    # set); every step is logged, a checkpoint is written after the RecurSeed epoch.
     config.train.num_epochs = 3
+    config.train.max_steps_per_epoch = 2
     config.train.log_every = 1
     config.train.checkpoint_every = 4
     config.loss.rs_start_epoch = 1
