@@ -237,3 +237,24 @@ def test_a_killed_process_stops_the_other_with_an_error_naming_it(tmp_path, refe
   log = _log(f"{workdir}.process_0.log")
   assert "Task 1 heartbeat timeout" in log or "unhealthy (stopped sending heartbeats):\n1" in log, log[-3000:]
   assert "process 1" in out and "failed" in out
+
+
+def test_bad_file_in_one_hosts_share_stops_every_host_before_training(tmp_path):
+  """2 hosts split the pre-flight check (host i checks records i::2); a bad mask in host 1's
+  share stops both hosts before the first step: host 1 names it, host 0 names host 1."""
+  from test_bad_data import _make_tree, _mask_value_50  # pylint: disable=g-import-not-at-top
+  root, workdir = tmp_path / "VOC2012", tmp_path / "run"
+  _, bad_mask = _make_tree(root, bad_train=(lambda *_: None, _mask_value_50))  # record 1 only
+  result = subprocess.run(
+      ["bash", "launch/local_processes.sh", "2", "configs/voc.py:smoke", str(workdir),
+       f"--config.data.root={root}", "--config.data.allow_subset=True",
+       "--config.data.eval_size=64", "--config.train.global_batch_size=8",
+       "--config.data.num_workers=0"],
+      cwd=REPO, env=_env(2), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+  assert result.returncode != 0, result.stdout + result.stderr
+  host_0, host_1 = (_log(f"{workdir}.process_{rank}.log") for rank in (0, 1))
+  assert f"{bad_mask}: mask values [50]" in host_1 and str(bad_mask) not in host_0
+  assert "host(s) [1] found bad data" in host_0
+  assert "records of 8 (this host's share)" in host_0 + host_1
+  assert "Compiling the train step" not in host_0 + host_1
+  assert not (workdir / "metrics.jsonl").exists()

@@ -12,7 +12,9 @@ when it is read; masks are small PNGs and are decoded. Reads go through a thread
 they may be gs:// reads. ArrayRecord splits get the cheap checks (the split has records, the
 first one decodes); synthetic data is generated in memory and needs none.
 
-Bad files stop the run with up to `_MAX_NAMED_FILES` of them named, or, with
+On several hosts each checks its share of the records (`i::n`) and the hosts then agree, by
+an all-gather of their counts, whether the run stops: every host stops, those that found bad
+files naming them. Bad files stop the run with up to `_MAX_NAMED_FILES` of them named, or, with
 `data.skip_bad_records`, go to the run's `records.BadFileLog` (one warning each; they count
 once in the end-of-run summary however often they are read).
 """
@@ -20,6 +22,9 @@ import concurrent.futures
 import time
 
 from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
 
 from rsepm_jax.data import records
 from rsepm_jax.data import sources
@@ -48,11 +53,11 @@ def check_splits(data_config, *, train=(), evaluated=()):
   num_records, bad, too_large = 0, [], []
   for split in dict.fromkeys((*train, *evaluated)):
     max_size = data_config.eval_size if split in evaluated else None
-    checked = _check_split(data_config, split, max_size)
+    checked = _check_split(data_config, split, max_size, jax.process_index(), jax.process_count())
     if checked is None:
       continue
     source, errors, large = checked
-    num_records += len(source)
+    num_records += len(source)  # the whole split (a host checks its share of file sources)
     too_large += large
     if errors and source.skip_bad_records:
       for error in errors:
@@ -64,6 +69,8 @@ def check_splits(data_config, *, train=(), evaluated=()):
   if num_records:
     logging.info("Pre-flight check done: %d records in %.1f s.", num_records,
                  time.perf_counter() - start)
+  if jax.process_count() > 1:
+    _stop_every_host_if_one_found_bad_data(bool(bad or too_large))
   if bad:
     raise BadSplitError(_bad_files_message(bad), [e for _, _, errors in bad for e in errors])
   if too_large:
@@ -76,12 +83,23 @@ def check_training_splits(data_config):
                evaluated=records.eval_splits(data_config))
 
 
-def _check_split(data_config, split, max_size):
-  """(source, [BadRecordError], [(path, (H, W)) larger than `max_size`]) of one split, or None
-  when there is nothing to check."""
+def _stop_every_host_if_one_found_bad_data(found_here):
+  """All hosts learn which found bad data; a host whose share was clean raises too (the others
+  name the files), so that no host goes on alone into the first collective."""
+  found = multihost_utils.process_allgather(np.int32(found_here))
+  hosts = [int(host) for host in np.flatnonzero(found)]
+  if hosts and not found_here:
+    raise BadSplitError(
+        f"Pre-flight check: host(s) {hosts} found bad data in their share of the records (named "
+        "in their logs); this host's share is clean. Every host stops.", [])
+
+
+def _check_split(data_config, split, max_size, process_index=0, process_count=1):
+  """(source, [BadRecordError], [(path, (H, W)) larger than `max_size`]) of one split (a file
+  source: this host's share of its records), or None when there is nothing to check."""
   source = sources.make_source(data_config, split)
   if isinstance(source, records.FileRecordSource):
-    return _check_files(source, split, max_size)
+    return _check_files(source, split, max_size, range(process_index, len(source), process_count))
   if isinstance(source, records.RecordSource):
     return _check_first_record(source, split, max_size)
   logging.info("Pre-flight check: split %r of data.name=%r is generated in memory; nothing to "
@@ -89,7 +107,7 @@ def _check_split(data_config, split, max_size):
   return None
 
 
-def _check_files(source, split, max_size):
+def _check_files(source, split, max_size, indices):
   start = time.perf_counter()
 
   def check(index):
@@ -101,11 +119,12 @@ def _check_files(source, split, max_size):
       return error, None, None
 
   with concurrent.futures.ThreadPoolExecutor(_NUM_THREADS) as pool:
-    results = list(pool.map(check, range(len(source))))
+    results = list(pool.map(check, indices))
   errors = [error for error, _, _ in results if error is not None]
   num_masks = sum(files is not None and files.mask_path is not None for _, _, files in results)
-  logging.info("Pre-flight check of split %r (%r): %d records (image headers, %d masks decoded, "
-               "tags) in %.1f s; %d bad.", split, source, len(source), num_masks,
+  share = "" if len(indices) == len(source) else f" of {len(source)} (this host's share)"
+  logging.info("Pre-flight check of split %r (%r): %d records%s (image headers, %d masks decoded, "
+               "tags) in %.1f s; %d bad.", split, source, len(indices), share, num_masks,
                time.perf_counter() - start, len(errors))
   too_large = [(str(files.image_path), size) for _, size, files in results
                if max_size is not None and size is not None and max(size) > max_size]
