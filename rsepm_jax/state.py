@@ -61,7 +61,7 @@ def init_variables(model, config, rng, pretrained=True):
       raise ValueError(
           f"config.model.init_from is set but config.model.backbone={config.model.backbone!r} "
           "has no ImageNet weights; use resnet50 or resnet101.")
-    logging.info("Loading backbone weights from %s", config.model.init_from)
+    logging.info("Loading weights from %s", config.model.init_from)
     variables = convert.load_into(variables, config.model.init_from, depth)
   return variables
 

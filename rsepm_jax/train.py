@@ -27,6 +27,7 @@ from rsepm_jax import visualize
 from rsepm_jax.data import pipeline
 from rsepm_jax.data import preflight
 from rsepm_jax.data import records
+from rsepm_jax.models import convert
 
 
 def prepare_workdir(workdir):
@@ -259,10 +260,19 @@ def restore_for_inference(config, workdir, mesh, step=None, allow_config_change=
   """(model, evaluation variables, step) of the checkpoint `step` (default: latest) in `workdir`.
 
   Network changes since the checkpoint are refused unless `allow_config_change` (`config_check`).
+  A workdir without checkpoints and `config.model.init_from` set gives that file's whole model
+  (an official RS+EPM checkpoint, `convert.load_official`) as step 0.
   """
   config_check.validate(config)
   parallel.wait_for_all_processes("inference_manager")  # orbax's first sync is a collective
   manager = checkpoint.make_manager(workdir)
+  if step is None and not manager.all_steps() and config.model.init_from:
+    manager.close()
+    logging.info("No checkpoint in %s: using the weights of config.model.init_from=%s.",
+                 workdir, config.model.init_from)
+    model = state_lib.build_model(config, bn_axis_name=parallel.DATA_AXIS)
+    variables = convert.load_official(config.model.init_from, config)
+    return model, parallel.replicate(variables, mesh), 0
   step = checkpoint.resolve_step(manager, step)
   differing = checkpoint.check_config(manager, step, config, False, allow_config_change)
   model = state_lib.build_model(config, bn_axis_name=parallel.DATA_AXIS)

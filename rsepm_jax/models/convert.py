@@ -1,4 +1,5 @@
-"""ImageNet ResNet weights from torchvision / timm checkpoints into `resnet.ResNet` (spec 1.1).
+"""ImageNet ResNet weights from torchvision / timm checkpoints into `resnet.ResNet` (spec 1.1),
+and official RS+EPM checkpoints into the whole `rsepm.RSEPMNet` (`from_official`).
 
 RS+EPM starts from torchvision's `resnet50-19c8e357.pth` / `resnet101-5d3b4d8f.pth`, loaded
 with `strict=False` so that `fc` is dropped. Here missing keys and shape mismatches are errors
@@ -158,6 +159,111 @@ def from_torchvision(state_dict, depth, where="torchvision state dict"):
   return traverse_util.unflatten_dict(flat)
 
 
+# Official RS+EPM module names (`core/networks.py::RSEPM`, `core/layers.py`) by our Flax ones;
+# the backbone is torchvision's under `model.`.
+_OFFICIAL_MODULES = {
+    "classifier": "classifier",
+    "aspp/branch_1x1": "aspp.aspp1",
+    "aspp/image_pool": "aspp.global_avg_pool.1",
+    "aspp/project": "aspp.block.0",
+    "decoder/low_level": "decoder.low_block",
+    "decoder/conv1": "decoder.classifier.0",
+    "decoder/conv2": "decoder.classifier.2",
+    "decoder/classifier": "decoder.classifier.4",
+}
+_ASPP_3X3 = re.compile(r"^aspp/branch_3x3_(\d+)$")  # dilated branch i is official `aspp{i + 2}`
+_OFFICIAL_HEADS = ("classifier.", "aspp.", "decoder.")  # keys a backbone-only checkpoint lacks
+
+
+def is_official(keys):
+  """Whether checkpoint `keys` hold a whole official RS+EPM model (heads included), not only an
+  ImageNet backbone."""
+  return any(key.startswith(_OFFICIAL_HEADS) for key in keys)
+
+
+def official_key(collection, path):
+  """Flax variable path of `RSEPMNet` -> official RS+EPM key.
+
+  `("params", ("aspp", "branch_3x3_1", "conv", "kernel"))` -> "aspp.aspp3.conv.weight";
+  `("params", ("backbone", "layer1_0", "conv1", "kernel"))` -> "model.layer1.0.conv1.weight".
+  """
+  if path[0] == "backbone":
+    return "model." + torchvision_key(collection, path[1:])
+  *modules, leaf = path
+  for depth in range(len(modules), 0, -1):
+    name = "/".join(modules[:depth])
+    match = _ASPP_3X3.match(name)
+    official = f"aspp.aspp{int(match.group(1)) + 2}" if match else _OFFICIAL_MODULES.get(name)
+    if official is not None:
+      return ".".join([official, *modules[depth:], _LEAF_NAMES[(collection, leaf)]])
+  raise ValueError(f"No official RS+EPM name for the variable {collection}/{'/'.join(path)}.")
+
+
+def _from_official_layout(state_dict, template, where):
+  """Official RS+EPM state dict -> variables shaped like `template` (arrays or
+  `jax.ShapeDtypeStruct`s of `RSEPMNet` variables), float32 numpy.
+
+  Every key and shape is checked: missing or unexpected keys and shape mismatches raise one
+  ValueError naming them; `num_batches_tracked` is ignored.
+  """
+  expected = {}
+  for collection in ("params", "batch_stats"):
+    for path, leaf in traverse_util.flatten_dict(template[collection]).items():
+      expected[official_key(collection, path)] = (
+          collection, path, _to_torch_layout(collection, path, leaf.shape))
+  depth = {sizes: depth for depth, sizes in resnet.STAGE_SIZES.items()}.get(stage_sizes(expected))
+  if depth:  # a ResNet-101 checkpoint for a ResNet-50 is named as such
+    check_depth([key for key in state_dict if key.startswith("model.")], depth, where)
+  given = {k for k in state_dict if not k.endswith("num_batches_tracked")}
+  missing, unexpected = sorted(set(expected) - given), sorted(given - set(expected))
+  wrong_shape = [f"{key}: checkpoint {tuple(np.shape(state_dict[key]))}, model {shape}"
+                 for key, (_, _, shape) in sorted(expected.items())
+                 if key in given and tuple(np.shape(state_dict[key])) != shape]
+  if missing or unexpected or wrong_shape:
+    problems = [f"{len(names)} {what}: {_listed(names)}"
+                for what, names in (("missing keys", missing), ("unexpected keys", unexpected),
+                                    ("shape mismatches", wrong_shape)) if names]
+    raise ValueError(
+        f"{where} does not fit the configured RS+EPM model ({'; '.join(problems)}). Check "
+        "config.model.backbone, config.data.num_classes, config.model.decoder_channels / "
+        "low_level_channels and config.model.with_decoder against the checkpoint.")
+  flat = {}
+  for key, (collection, path, _) in expected.items():
+    value = np.asarray(state_dict[key], np.float32)
+    if collection == "params" and path[-1] == "kernel":
+      value = np.ascontiguousarray(value.transpose(2, 3, 1, 0))  # OIHW -> HWIO
+    flat[(collection,) + path] = value
+  return traverse_util.unflatten_dict(flat)
+
+
+def from_official(state_dict, config, where="official RS+EPM state dict"):
+  """Official single-stage RS+EPM state dict {key: np.ndarray} -> variables of
+  `state.build_model(config)` ({"params", "batch_stats"}, float32 numpy); `where` (e.g. the
+  file) starts the error messages.
+
+  Keys: the torchvision backbone under `model.`, `classifier`, `aspp`, `decoder`
+  (docs: official_checkpoints.md). Conv kernels OIHW -> HWIO.
+  """
+  # Imported here: rsepm_jax.state imports this module.
+  from rsepm_jax import state  # pylint: disable=g-import-not-at-top
+  model = state.build_model(config)
+  size = config.data.crop_size
+  template = jax.eval_shape(model.init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+  return _from_official_layout(state_dict, template, where)
+
+
+def load_official(path, config):
+  """`from_official` of the weights file `path`; a backbone-only (ImageNet) file is an error."""
+  state_dict = load_state_dict(path)
+  if not is_official(state_dict):
+    raise ValueError(
+        f"{path} holds no official RS+EPM heads (no {' / '.join(_OFFICIAL_HEADS)} keys): an "
+        "ImageNet backbone initialises training only. Evaluating, exporting or predicting needs "
+        "a checkpoint in the workdir or a whole official RS+EPM checkpoint.")
+  return from_official(state_dict, config, str(path))
+
+
 def _strip_key_prefix(state_dict):
   for prefix in _KEY_PREFIXES:
     if state_dict and all(k.startswith(prefix) for k in state_dict):
@@ -226,9 +332,10 @@ def _check_same_shapes(expected, given, where):
                        f"{tuple(given[name].shape)}, the model expects {tuple(leaf.shape)}.")
 
 
-def load_backbone_variables(path, depth):
-  """`resnet(depth)` variables from a torchvision / timm checkpoint or a converted `.npz`."""
-  arrays = load_state_dict(path)
+def load_backbone_variables(path, depth, arrays=None):
+  """`resnet(depth)` variables from a torchvision / timm checkpoint or a converted `.npz`
+  (`arrays`: its `load_state_dict` when already read)."""
+  arrays = load_state_dict(path) if arrays is None else arrays
   if epath.Path(path).suffix != ".npz":
     return from_torchvision(arrays, depth, str(path))
   check_depth(arrays, depth, str(path))
@@ -240,11 +347,20 @@ def load_backbone_variables(path, depth):
 def load_into(variables, path, depth):
   """Copy of RSEPMNet `variables` with `params/backbone` and `batch_stats/backbone` from `path`.
 
-  The classifier, ASPP and decoder are left as they are. Raises ValueError when the weights do
-  not fit the model's backbone (e.g. a depth mismatch).
+  The classifier, ASPP and decoder are left as they are, unless `path` is an official RS+EPM
+  checkpoint (`is_official`): then every variable comes from it. Raises ValueError when the
+  weights do not fit the model (e.g. a depth mismatch).
   """
-  backbone = load_backbone_variables(path, depth)
+  arrays = load_state_dict(path)
   loaded = {collection: dict(tree) for collection, tree in variables.items()}
+  if is_official(arrays):
+    logging.info("%s is an official RS+EPM checkpoint: loading the whole model.", path)
+    official = _from_official_layout(arrays, variables, str(path))
+    for collection in ("params", "batch_stats"):
+      loaded[collection] = jax.tree.map(lambda new, old: np.asarray(new, old.dtype),
+                                        official[collection], variables[collection])
+    return loaded
+  backbone = load_backbone_variables(path, depth, arrays)
   for collection in ("params", "batch_stats"):
     target = variables[collection]["backbone"]
     _check_same_shapes(target, backbone[collection], f"{collection}/backbone")
