@@ -3,9 +3,12 @@
   python -m rsepm_jax.main --config=configs/demo.py --workdir=/tmp/rsepm_demo
   python -m rsepm_jax.main --config=configs/demo.py --workdir=/tmp/rsepm_demo --mode=eval
   python -m rsepm_jax.main --config=configs/demo.py --workdir=/tmp/rsepm_demo --mode=export
+  python -m rsepm_jax.main --config=configs/demo.py --workdir=/tmp/rsepm_demo --mode=predict \
+      --input=photos/ [--output=DIR]
 
 Modes: train (resumes from the latest checkpoint in --workdir, then evaluates), eval (scores a
-checkpoint: the latest or --step), export (pseudo-label PNGs of config.export.split).
+checkpoint: the latest or --step), export (pseudo-label PNGs of config.export.split), predict
+(multi-scale + flip segmentation of image files: label PNGs, overlays, CAM heat maps).
 
 Configs: configs/demo.py (synthetic data), configs/voc.py, configs/coco.py, each with a :smoke
 variant; an installed package carries them in its rsepm_jax/configs/ folder
@@ -24,6 +27,7 @@ from rsepm_jax import checkpoint
 from rsepm_jax import config_check
 from rsepm_jax import export
 from rsepm_jax import parallel
+from rsepm_jax import predict
 from rsepm_jax import train
 from rsepm_jax.data import preflight
 from rsepm_jax.data import records
@@ -31,11 +35,17 @@ from rsepm_jax.data import records
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/demo.py or configs/demo.py:smoke.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export", "predict"],
                           "train: train (resuming if possible) then evaluate; "
                           "eval: evaluate a saved checkpoint without training; "
-                          "export: write pseudo-label PNGs of config.export.split.")
-_STEP = flags.DEFINE_integer("step", None, "--mode=eval|export: checkpoint step (default: the latest).")
+                          "export: write pseudo-label PNGs of config.export.split; "
+                          "predict: segment the images of --input into --output.")
+_STEP = flags.DEFINE_integer("step", None,
+                             "--mode=eval|export|predict: checkpoint step (default: the latest).")
+_INPUT = flags.DEFINE_list("input", None,
+                           "--mode=predict: image files, folders or glob patterns, comma-separated.")
+_OUTPUT = flags.DEFINE_string("output", None,
+                              "--mode=predict: output folder (default: <workdir>/predictions).")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False,
     "Go on when the config differs from the checkpoint's in keys that change the network "
@@ -62,8 +72,12 @@ def main(argv):
       train.train_and_evaluate(config, _WORKDIR.value, allow)
     elif _MODE.value == "eval":
       train.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value, allow)
-    else:
+    elif _MODE.value == "export":
       export.export_pseudo_labels(config, _WORKDIR.value, _STEP.value, allow_config_change=allow)
+    else:
+      if not _INPUT.value:
+        raise app.UsageError("--mode=predict needs --input (image files, folders or globs).")
+      predict.predict(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value, _STEP.value, allow)
   except config_check.ConfigError as error:
     raise SystemExit(str(error)) from None  # the message names every key: no traceback
   except _INPUT_ERRORS as error:  # bad or missing data: the message names the files

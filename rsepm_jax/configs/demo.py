@@ -190,6 +190,18 @@ def get_config(arg=None):
   config.export.split = "train"  # --mode=export writes pseudo labels of this split
   config.export.bg_threshold = 0.45  # constant background score before the argmax (spec 8.1)
 
+  # ---------------------------------------------------------------------------- inference
+  config.inference = ml_collections.ConfigDict()
+  config.inference.scales = (1.0, 0.5, 1.5, 2.0)  # MS inference: views of int(h*s) x int(w*s) (spec 8.1)
+  config.inference.hflip = True  # each scale also runs horizontally flipped
+  config.inference.conf_th = 0.34  # classes kept: mean sigmoid score >= this (when no tags)
+  config.inference.background = "power"  # "power": (1 - max seed)^bg_gamma | "constant": bg_threshold
+  config.inference.bg_gamma = 2.0  # background exponent of "power" (the official CRF input)
+  config.inference.bg_threshold = 0.45  # background score of "constant" (official non-CRF mode)
+  # Pad views to multiples of this so nearby sizes share a compilation (border outputs and ASPP
+  # pooling then see the padding); 0: exact sizes, as the official code.
+  config.inference.size_bucket = 0
+
   if variant == "ablation":
     # Sized for 3 seeds x every row in about an hour on 2 cores, with a CAM well above chance:
     # CAM-only probes on val gave 39.7 mIoU at LR 0.03 (30.6 at 0.1, 32.2 at 0.01), output

@@ -1,0 +1,87 @@
+"""--mode=predict: label PNGs, overlays and heat maps per image; unreadable files named and skipped."""
+import logging
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from rsepm_jax import checkpoint
+from rsepm_jax import optimizer
+from rsepm_jax import parallel
+from rsepm_jax import predict
+from rsepm_jax import state as state_lib
+from rsepm_jax.configs import demo
+from rsepm_jax.data import classes
+from rsepm_jax.data import pipeline
+from rsepm_jax.data import synthetic
+
+SIZES = {"a": (32, 40), "b": (32, 40), "c": (24, 36)}  # (height, width)
+
+
+def test_predict_writes_outputs_per_image_and_names_the_corrupt_file(tmp_path, caplog):
+  config = demo.get_config("smoke")
+  config.inference.scales = (1.0, 0.5)
+  config.inference.size_bucket = 32  # every view pads to 32 x 32 or 32 x 64: two compilations
+  config.inference.conf_th = 0.0  # every class kept: one heat map per class
+  mesh = parallel.make_mesh()
+  model = state_lib.build_model(config, bn_axis_name=parallel.DATA_AXIS)
+  tx = optimizer.make_optimizer(config.optim, total_steps=8)
+  state = state_lib.create_train_state(model, tx, config, state_lib.prng_key(0), mesh)
+  workdir = tmp_path / "work"
+  manager = checkpoint.make_manager(workdir)
+  checkpoint.save(manager, 3, state, pipeline.train_iterator(config.data, 8, seed=0))
+  manager.wait_until_finished()
+  manager.close()
+
+  photos = tmp_path / "photos"
+  photos.mkdir()
+  rng = np.random.RandomState(0)
+  for name, size in SIZES.items():
+    Image.fromarray(rng.randint(0, 256, size + (3,)).astype(np.uint8)).save(photos / f"{name}.jpg")
+  (photos / "broken.jpg").write_bytes(b"not a jpeg at all")
+  (photos / "notes.txt").write_text("not an image: not listed")
+
+  caplog.set_level(logging.INFO)
+  written, skipped = predict.predict(config, str(workdir), [str(photos)])
+  assert written == 3 and skipped == [str(photos / "broken.jpg")]
+  assert "Skipped " + str(photos / "broken.jpg") in caplog.text
+  assert "predict: 4/4 images" in caplog.text  # the progress line
+
+  out = workdir / "predictions"
+  names = synthetic.CLASS_NAMES[:config.data.num_classes]
+  expected = set()
+  for name, (height, width) in SIZES.items():
+    expected |= {f"{name}.png", f"{name}_overlay.png"} | {f"{name}_cam_{c}.png" for c in names}
+    label = Image.open(out / f"{name}.png")
+    assert label.mode == "P" and label.size == (width, height)
+    np.testing.assert_array_equal(np.asarray(label.getpalette(), np.uint8).reshape(-1, 3),
+                                  classes.color_palette())
+    assert np.asarray(label).max() <= config.data.num_classes
+    present = len(set(np.unique(np.asarray(label)).tolist()) - {0})
+    overlay = Image.open(out / f"{name}_overlay.png")
+    assert overlay.mode == "RGB" and overlay.size[0] == max(width, 120)
+    assert overlay.size[1] == height + 14 * max(present, 1) + 4  # a legend row per class shown
+    heat = Image.open(out / f"{name}_cam_{names[0]}.png")
+    assert heat.mode == "RGB" and heat.size == (width, height)
+  assert {p.name for p in out.iterdir()} == expected
+
+
+def test_input_files_takes_files_folders_and_globs(tmp_path):
+  for name in ("x.png", "y.JPG", "z.txt"):
+    (tmp_path / name).write_bytes(b"")
+  (tmp_path / "sub").mkdir()
+  (tmp_path / "sub" / "w.jpeg").write_bytes(b"")
+  assert predict.input_files([str(tmp_path)]) == [str(tmp_path / "x.png"), str(tmp_path / "y.JPG")]
+  assert predict.input_files([str(tmp_path / "*.png"), str(tmp_path / "sub" / "w.jpeg")]) == [
+      str(tmp_path / "x.png"), str(tmp_path / "sub" / "w.jpeg")]
+  with pytest.raises(FileNotFoundError, match="'.*missing.png' is no file, folder or glob"):
+    predict.input_files([str(tmp_path / "missing.png")])
+  with pytest.raises(FileNotFoundError, match=r"'.*\*.gif' matches no file"):
+    predict.input_files([str(tmp_path / "*.gif")])
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="holds no image"):
+    predict.input_files([str(tmp_path / "empty")])
+
+
+def test_output_names_keep_repeated_stems_apart():
+  assert predict._output_names(["p/a.jpg", "q/a.png", "q/b.png", "r/a.jpg"]) == ["a", "a_2", "b", "a_3"]
