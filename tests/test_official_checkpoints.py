@@ -58,7 +58,8 @@ def official_state_dict(num_classes=20, depth=50, seed=0):
     for block in range(num_blocks):
       prefix = f"model.layer{stage + 1}.{block}"
       for i, (out_channels, size) in enumerate(((width, 1), (width, 3), (4 * width, 1)), 1):
-        conv(f"{prefix}.conv{i}.weight", (out_channels, in_channels if i == 1 else width, size, size))
+        inputs = in_channels if i == 1 else width
+        conv(f"{prefix}.conv{i}.weight", (out_channels, inputs, size, size))
         bn(f"{prefix}.bn{i}", out_channels)
       if block == 0:
         conv(f"{prefix}.downsample.0.weight", (4 * width, in_channels, 1, 1))
@@ -117,31 +118,36 @@ def test_every_official_tensor_lands_in_its_place(official, converted):
   np.testing.assert_array_equal(params["classifier"]["kernel"], hwio("classifier.weight"))
   np.testing.assert_array_equal(params["decoder"]["classifier"]["kernel"],
                                 hwio("decoder.classifier.4.weight"))
-  for module, (path, _, _) in CONV_BN_BLOCKS.items():
-    ours = lambda collection: converted[collection][path[0]][path[1]]
-    np.testing.assert_array_equal(ours("params")["conv"]["kernel"], hwio(f"{module}.conv.weight"))
+  for module, ((parent, child), _, _) in CONV_BN_BLOCKS.items():
+    np.testing.assert_array_equal(params[parent][child]["conv"]["kernel"],
+                                  hwio(f"{module}.conv.weight"))
     for leaf, (collection, name) in BN_LEAVES.items():
-      np.testing.assert_array_equal(ours(collection)["bn"][name], official[f"{module}.bn.{leaf}"])
+      np.testing.assert_array_equal(converted[collection][parent][child]["bn"][name],
+                                    official[f"{module}.bn.{leaf}"])
+  oihw = lambda kernel: kernel.transpose(3, 2, 0, 1)
+  backbone_params, backbone_stats = params["backbone"], stats["backbone"]
   backbone_samples = {
-      "model.conv1.weight": params["backbone"]["conv1"]["kernel"].transpose(3, 2, 0, 1),
-      "model.bn1.weight": params["backbone"]["bn1"]["scale"],
-      "model.layer3.5.conv2.weight": params["backbone"]["layer3_5"]["conv2"]["kernel"].transpose(3, 2, 0, 1),
+      "model.conv1.weight": oihw(backbone_params["conv1"]["kernel"]),
+      "model.bn1.weight": backbone_params["bn1"]["scale"],
+      "model.layer3.5.conv2.weight": oihw(backbone_params["layer3_5"]["conv2"]["kernel"]),
       "model.layer2.0.downsample.0.weight":
-          params["backbone"]["layer2_0"]["downsample_conv"]["kernel"].transpose(3, 2, 0, 1),
-      "model.layer4.0.downsample.1.running_var": stats["backbone"]["layer4_0"]["downsample_bn"]["var"],
-      "model.layer4.2.bn3.running_mean": stats["backbone"]["layer4_2"]["bn3"]["mean"],
+          oihw(backbone_params["layer2_0"]["downsample_conv"]["kernel"]),
+      "model.layer4.0.downsample.1.running_var": backbone_stats["layer4_0"]["downsample_bn"]["var"],
+      "model.layer4.2.bn3.running_mean": backbone_stats["layer4_2"]["bn3"]["mean"],
   }
   for key, value in backbone_samples.items():
     np.testing.assert_array_equal(value, official[key], err_msg=key)
   # Fingerprints that survive a transpose: each official tensor once, nothing else.
   fingerprint = lambda a: (a.size, float(a.min()), float(a.max()))
   used = sorted(fingerprint(v) for v in traverse_util.flatten_dict(converted).values())
-  given = sorted(fingerprint(v) for k, v in official.items() if not k.endswith("num_batches_tracked"))
+  given = sorted(fingerprint(v) for k, v in official.items()
+                 if not k.endswith("num_batches_tracked"))
   assert used == given
 
 
 def _conv(x, kernel_oihw, dilation=1):
-  """Stride-1 'same' conv, x [H, W, I] float64, PyTorch kernel [O, I, k, k], pad dilation*(k//2)."""
+  """Stride-1 conv padded by dilation * (k // 2): x [H, W, I] float64, PyTorch kernel
+  [O, I, k, k] -> [H, W, O]."""
   size = kernel_oihw.shape[-1]
   pad = dilation * (size // 2)
   x = np.pad(x, ((pad, pad), (pad, pad), (0, 0)))
@@ -247,6 +253,15 @@ def test_init_from_loads_the_whole_model(official_file, converted):
   jax.tree.map(np.testing.assert_array_equal, loaded, converted)
   jax.tree.map(np.testing.assert_array_equal,
                convert.load_official(official_file, config), converted)
+
+
+def test_cli_copies_an_official_checkpoint(official_file, converted, tmp_path, capsys):
+  """`python -m rsepm_jax.models.convert rsepm_r50.pth rsepm_r50.npz` keeps the official keys."""
+  dst = tmp_path / "rsepm_r50.npz"
+  convert.convert_file(official_file, dst)
+  # 374 tensors less the num_batches_tracked of 53 backbone and 9 head BNs.
+  assert "Wrote the 312 tensors of an official RS+EPM checkpoint" in capsys.readouterr().out
+  jax.tree.map(np.testing.assert_array_equal, convert.load_official(dst, rsepm_config()), converted)
 
 
 def test_inference_without_a_checkpoint_uses_init_from(official_file, converted, tmp_path):

@@ -8,9 +8,10 @@ reported. `.pth` files need PyTorch (`pip install .[torch]`); convert them once 
 installed and use the result anywhere.
 
 Command line (DST `.npz`: flattened variables, "params/layer1_0/conv1/kernel"; DST
-`.safetensors`: the torchvision keys without `fc`):
+`.safetensors`: the torchvision keys without `fc`; an official RS+EPM checkpoint keeps its keys):
 
   python -m rsepm_jax.models.convert resnet50.pth resnet50.safetensors --depth 50
+  python -m rsepm_jax.models.convert rsepm_r50.pth rsepm_r50.safetensors
 """
 import functools
 import io
@@ -369,10 +370,31 @@ def load_into(variables, path, depth):
   return loaded
 
 
+def _convert_official(state_dict, dst):
+  """Writes an official RS+EPM state dict's tensors, `num_batches_tracked` dropped, to `dst`
+  (`.safetensors` or `.npz`, same keys); its keys and shapes are checked when it is loaded."""
+  if dst.suffix not in (".safetensors", ".npz"):
+    raise ValueError(f"Unsupported output {dst}: expected .npz or .safetensors.")
+  arrays = {key: np.asarray(value) for key, value in state_dict.items()
+            if not key.endswith("num_batches_tracked")}
+  if dst.suffix == ".safetensors":
+    dst.write_bytes(safetensors.numpy.save(arrays))
+  else:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    dst.write_bytes(buffer.getvalue())
+  print(f"Wrote the {len(arrays)} tensors of an official RS+EPM checkpoint to {dst} "
+        "(for config.model.init_from)")
+
+
 def convert_file(src, dst, depth=50):
   """Converts the torchvision checkpoint `src` to `dst`: an `.npz` of flattened variables, or a
-  `.safetensors` of the torchvision keys the model uses (no PyTorch needed to read either)."""
+  `.safetensors` of the torchvision keys the model uses (no PyTorch needed to read either).
+  An official RS+EPM checkpoint is copied with its own keys (`_convert_official`)."""
   state_dict = load_state_dict(src)
+  if is_official(state_dict):
+    _convert_official(state_dict, epath.Path(dst))
+    return
   variables = from_torchvision(state_dict, depth, str(src))  # raises on a missing key or depth
   _, unexpected = compare_keys(state_dict, depth)
   print(f"Unexpected keys, dropped ({len(unexpected)}): {_listed(unexpected)}")
