@@ -44,7 +44,8 @@ def _nearest_source(in_size, out_size):
 
 
 def _composed_source(grid, view, out, padded_out):
-  """Grid index of each output pixel after nearest grid -> view -> out, zero-padded to `padded_out`."""
+  """Grid index of each output pixel after nearest grid -> view -> out, zero-padded to
+  `padded_out`."""
   index = np.zeros(padded_out, np.int32)
   index[:out] = _nearest_source(grid, view)[_nearest_source(view, out)]
   return index

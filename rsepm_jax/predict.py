@@ -2,7 +2,7 @@
 
 `--input` takes image files, folders (their .jpg/.jpeg/.png/.bmp/.webp files) and globs,
 comma-separated. Per image `<name>` the output folder gets
-  <name>.png              labels as a VOC palette PNG of the image's size (0 background, c + 1 class c)
+  <name>.png              VOC palette PNG of the image's size (0 background, c + 1 class c)
   <name>_overlay.png      the image blended with the label colours, a legend of the classes below
   <name>_cam_<class>.png  the CAM heat map (jet, blended with the image) of each predicted class
 Classes are those with a mean score >= `config.inference.conf_th`. An image that cannot be read is
@@ -61,8 +61,8 @@ def overlay(image, label, names, alpha=0.5):
                      (1 - alpha) * image + alpha * palette[label], image).astype(np.uint8)
   present = [int(v) for v in np.unique(label) if v > 0]
   row = 14
-  canvas = Image.new("RGB", (max(image.shape[1], 120), image.shape[0] + row * max(len(present), 1) + 4),
-                     "white")
+  legend_height = row * max(len(present), 1) + 4
+  canvas = Image.new("RGB", (max(image.shape[1], 120), image.shape[0] + legend_height), "white")
   canvas.paste(Image.fromarray(blended), (0, 0))
   draw = ImageDraw.Draw(canvas)
   top = image.shape[0] + 2
@@ -76,7 +76,7 @@ def overlay(image, label, names, alpha=0.5):
 
 
 def heat_map(image, cam):
-  """uint8 RGB `[H, W, 3]`: the image blended half and half with `jet(cam)` (cam `[H, W]` in [0, 1])."""
+  """uint8 RGB `[H, W, 3]`: the image blended half and half with `jet(cam)` (`[H, W]` in [0, 1])."""
   return np.asarray(visualize.to_uint8(0.5 * image + 127.5 * visualize.jet(cam)))
 
 
@@ -106,8 +106,8 @@ def predict(config, workdir, inputs, output=None, step=None, allow_config_change
   """
   settings = config.inference
   if settings.background not in _BACKGROUNDS:
-    raise config_check.ConfigError(f"config.inference.background={settings.background!r}: expected one of "
-                     f"{_BACKGROUNDS}.")
+    raise config_check.ConfigError(
+        f"config.inference.background={settings.background!r}: expected one of {_BACKGROUNDS}.")
   files = input_files(inputs)
   mesh = parallel.make_mesh()
   model, variables, step = train.restore_for_inference(config, workdir, mesh, step,
@@ -143,6 +143,7 @@ def predict(config, workdir, inputs, output=None, step=None, allow_config_change
             out_dir / f"{name}_cam_{names[key + 1].replace(' ', '_')}.png")
     written += 1
     progress.advance(1)
+  skipped_note = f"; skipped {len(skipped)} unreadable: {', '.join(skipped)}" if skipped else ""
   logging.info("Wrote the predictions of %d images (checkpoint step %d) to %s%s.", written, step,
-               out_dir, f"; skipped {len(skipped)} unreadable: {', '.join(skipped)}" if skipped else "")
+               out_dir, skipped_note)
   return written, skipped

@@ -110,7 +110,8 @@ def test_segment_gates_classes_and_adds_the_background_by_hand():
   scores = np.array([0.9, 0.34, 0.2])
   out = inference.segment(mask, scores, conf_th=0.34, bg_gamma=2.0)
   np.testing.assert_array_equal(out["keys"], [0, 1])
-  seeds = np.array([[1, 0.5, 0.125], [0.5, 1, 0.25], [0, 0, 0]]).T / (1 + 1e-5 / np.array([0.8, 0.2, 1]))
+  seeds = np.array([[1, 0.5, 0.125], [0.5, 1, 0.25], [0, 0, 0]]).T
+  seeds /= 1 + 1e-5 / np.array([0.8, 0.2, 1])  # the +1e-5 of the per-class maximum
   # max seed per pixel ~ 1, 1, 0.25 -> background (1 - m)^2 ~ 0, 0, 0.5625
   np.testing.assert_allclose(out["probs"][0, :, 1:], seeds, atol=1e-6)
   np.testing.assert_allclose(out["probs"][0, :, 0], [0, 0, 0.5625], atol=1e-4)

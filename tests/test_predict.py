@@ -1,4 +1,4 @@
-"""--mode=predict: label PNGs, overlays and heat maps per image; unreadable files named and skipped."""
+"""--mode=predict: label PNGs, overlays and heat maps per image; unreadable files named, skipped."""
 import logging
 
 import numpy as np
@@ -83,5 +83,17 @@ def test_input_files_takes_files_folders_and_globs(tmp_path):
     predict.input_files([str(tmp_path / "empty")])
 
 
+def test_overlay_blends_labelled_pixels_and_adds_a_legend_row_per_class():
+  image = np.full((2, 3, 3), 100, np.uint8)
+  label = np.array([[0, 1, 1], [0, 0, 3]], np.uint8)
+  out = predict.overlay(image, label, ("background", "a", "b", "c"))
+  assert out.shape == (2 + 2 * 14 + 4, 120, 3)  # legend rows: classes 1 and 3
+  np.testing.assert_array_equal(out[0, 0], [100, 100, 100])  # background: the image
+  np.testing.assert_array_equal(out[0, 1], [114, 50, 50])  # (100 + VOC colour 1 (128, 0, 0)) / 2
+  np.testing.assert_array_equal(out[1, 2], [114, 114, 50])  # colour 3 is (128, 128, 0)
+  assert (out[2:] != 255).any()  # something drawn in the legend
+
+
 def test_output_names_keep_repeated_stems_apart():
-  assert predict._output_names(["p/a.jpg", "q/a.png", "q/b.png", "r/a.jpg"]) == ["a", "a_2", "b", "a_3"]
+  names = predict._output_names(["p/a.jpg", "q/a.png", "q/b.png", "r/a.jpg"])
+  assert names == ["a", "a_2", "b", "a_3"]
