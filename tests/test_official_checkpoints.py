@@ -226,6 +226,13 @@ def test_key_and_shape_errors_name_them(official, edit, message):
   assert e.match(message)
 
 
+def test_shape_errors_name_the_checkpoint_sizes(official):
+  with pytest.raises(ValueError, match=r"low_level_channels and config.model.with_decoder against "
+                     r"the checkpoint \(it has data.num_classes=20, model.decoder_channels=256, "
+                     r"model.low_level_channels=256\)\.$"):
+    convert.from_official(official, rsepm_config(decoder_channels=16, low_level_channels=16))
+
+
 def test_num_batches_tracked_is_optional(official, converted):
   trimmed = {k: v for k, v in official.items() if not k.endswith("num_batches_tracked")}
   again = convert.from_official(trimmed, rsepm_config())

@@ -174,6 +174,10 @@ _OFFICIAL_MODULES = {
 }
 _ASPP_3X3 = re.compile(r"^aspp/branch_3x3_(\d+)$")  # dilated branch i is official `aspp{i + 2}`
 _OFFICIAL_HEADS = ("classifier.", "aspp.", "decoder.")  # keys a backbone-only checkpoint lacks
+# Config keys read off an official checkpoint (output channels of these tensors) for errors.
+_OFFICIAL_SIZES = (("data.num_classes", "classifier.weight"),
+                   ("model.decoder_channels", "aspp.aspp1.conv.weight"),
+                   ("model.low_level_channels", "decoder.low_block.conv.weight"))
 
 
 def is_official(keys):
@@ -224,10 +228,13 @@ def _from_official_layout(state_dict, template, where):
     problems = [f"{len(names)} {what}: {_listed(names)}"
                 for what, names in (("missing keys", missing), ("unexpected keys", unexpected),
                                     ("shape mismatches", wrong_shape)) if names]
+    built = ", ".join(f"{name}={np.shape(state_dict[key])[0]}"
+                      for name, key in _OFFICIAL_SIZES if key in state_dict)
     raise ValueError(
         f"{where} does not fit the configured RS+EPM model ({'; '.join(problems)}). Check "
         "config.model.backbone, config.data.num_classes, config.model.decoder_channels / "
-        "low_level_channels and config.model.with_decoder against the checkpoint.")
+        "low_level_channels and config.model.with_decoder against the checkpoint"
+        f"{f' (it has {built})' if built else ''}.")
   flat = {}
   for key, (collection, path, _) in expected.items():
     value = np.asarray(state_dict[key], np.float32)
