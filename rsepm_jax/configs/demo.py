@@ -66,7 +66,7 @@ def get_config(arg=None):
   config.model.aspp_dropout = 0.5  # dropout after the ASPP projection (spec 1.3)
   config.model.decoder_dropout = (0.5, 0.1)  # dropout after the decoder's two 3x3 blocks
   config.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
-  config.model.init_from = ""  # ImageNet backbone weights: .pth | .safetensors | .npz
+  config.model.init_from = ""  # ImageNet backbone or whole official RS+EPM: .pth|.safetensors|.npz
 
   # ---------------------------------------------------------------------------- optimiser
   config.optim = ml_collections.ConfigDict()
