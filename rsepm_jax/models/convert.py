@@ -377,44 +377,40 @@ def load_into(variables, path, depth):
   return loaded
 
 
-def _convert_official(state_dict, dst):
-  """Writes an official RS+EPM state dict's tensors, `num_batches_tracked` dropped, to `dst`
-  (`.safetensors` or `.npz`, same keys); its keys and shapes are checked when it is loaded."""
-  if dst.suffix not in (".safetensors", ".npz"):
-    raise ValueError(f"Unsupported output {dst}: expected .npz or .safetensors.")
-  arrays = {key: np.asarray(value) for key, value in state_dict.items()
-            if not key.endswith("num_batches_tracked")}
+def _write_arrays(dst, arrays):
+  """Writes {name: np.ndarray} to `dst`: a `.safetensors` or an `.npz` file."""
   if dst.suffix == ".safetensors":
     dst.write_bytes(safetensors.numpy.save(arrays))
-  else:
+  elif dst.suffix == ".npz":
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     dst.write_bytes(buffer.getvalue())
-  print(f"Wrote the {len(arrays)} tensors of an official RS+EPM checkpoint to {dst} "
-        "(for config.model.init_from)")
+  else:
+    raise ValueError(f"Unsupported output {dst}: expected .npz or .safetensors.")
 
 
 def convert_file(src, dst, depth=50):
   """Converts the torchvision checkpoint `src` to `dst`: an `.npz` of flattened variables, or a
   `.safetensors` of the torchvision keys the model uses (no PyTorch needed to read either).
-  An official RS+EPM checkpoint is copied with its own keys (`_convert_official`)."""
+  An official RS+EPM checkpoint keeps its own keys, `num_batches_tracked` dropped (its keys and
+  shapes are checked when it is loaded)."""
   state_dict = load_state_dict(src)
+  dst = epath.Path(dst)
   if is_official(state_dict):
-    _convert_official(state_dict, epath.Path(dst))
+    arrays = {key: np.asarray(value) for key, value in state_dict.items()
+              if not key.endswith("num_batches_tracked")}
+    _write_arrays(dst, arrays)
+    print(f"Wrote the {len(arrays)} tensors of an official RS+EPM checkpoint to {dst} "
+          "(for config.model.init_from)")
     return
   variables = from_torchvision(state_dict, depth, str(src))  # raises on a missing key or depth
   _, unexpected = compare_keys(state_dict, depth)
   print(f"Unexpected keys, dropped ({len(unexpected)}): {_listed(unexpected)}")
-  dst = epath.Path(dst)
   if dst.suffix == ".safetensors":
-    dst.write_bytes(safetensors.numpy.save(
-        {key: np.asarray(state_dict[key], np.float32) for key in expected_torchvision_shapes(depth)}))
-  elif dst.suffix == ".npz":
-    buffer = io.BytesIO()
-    np.savez(buffer, **traverse_util.flatten_dict(variables, sep="/"))
-    dst.write_bytes(buffer.getvalue())
+    _write_arrays(dst, {key: np.asarray(state_dict[key], np.float32)
+                        for key in expected_torchvision_shapes(depth)})
   else:
-    raise ValueError(f"Unsupported output {dst}: expected .npz or .safetensors.")
+    _write_arrays(dst, traverse_util.flatten_dict(variables, sep="/"))
   print(f"Wrote ResNet-{depth} variables to {dst}")
 
 
