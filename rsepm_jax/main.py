@@ -31,6 +31,7 @@ from rsepm_jax import predict
 from rsepm_jax import train
 from rsepm_jax.data import preflight
 from rsepm_jax.data import records
+from rsepm_jax.models import convert
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/demo.py or configs/demo.py:smoke.", lock_config=True)
@@ -56,7 +57,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 # Errors about the user's files, whose message names the file and the problem: shown without a
 # traceback.
 _INPUT_ERRORS = (records.BadRecordError, preflight.BadSplitError, FileNotFoundError,
-                 NotADirectoryError)
+                 NotADirectoryError, convert.WeightsError)
 
 
 def main(argv):

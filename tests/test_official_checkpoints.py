@@ -3,6 +3,9 @@
 The fake checkpoints follow the key list of docs `official_checkpoints.md` (RSEPM, ResNet-50,
 OS16, feature_size 256): names, OIHW shapes and `num_batches_tracked` buffers, random values.
 """
+import os
+import subprocess
+import sys
 
 from flax import traverse_util
 import jax
@@ -287,3 +290,22 @@ def test_inference_without_a_checkpoint_uses_init_from(official_file, converted,
   config.model.init_from = str(backbone_only)
   with pytest.raises(ValueError, match="holds no official RS\\+EPM heads"):
     train.restore_for_inference(config, str(tmp_path / "run"), mesh)
+
+
+def test_command_line_names_a_checkpoint_that_does_not_fit(tmp_path):
+  """--mode=eval with a checkpoint of another model: one error line naming the file, no
+  traceback (the file is read before anything compiles)."""
+  path = tmp_path / "rsepm.safetensors"
+  path.write_bytes(safetensors.numpy.save({"classifier.weight": np.zeros((20, 2048, 1, 1),
+                                                                        np.float32)}))
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, "-m", "rsepm_jax.main", "--config=configs/demo.py:smoke", "--mode=eval",
+       f"--workdir={tmp_path / 'run'}", "--config.model.backbone=resnet50",
+       f"--config.model.init_from={path}"],
+      capture_output=True, text=True, timeout=300, env=env, cwd=root)
+  assert result.returncode == 1
+  assert "Traceback" not in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      f"WeightsError: {path} does not fit the configured RS+EPM model (")

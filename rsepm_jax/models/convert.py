@@ -49,6 +49,11 @@ _BLOCK_KEY = re.compile(r"(?:^|[./])layer([1-4])[._](\d+)[./]")
 _MAX_LISTED = 10  # keys or variables named in an error
 
 
+class WeightsError(ValueError):
+  """A weights file that cannot be read or does not fit the model; the message names the file
+  and the keys (shown without a traceback by `rsepm_jax.main`)."""
+
+
 def torchvision_key(collection, path):
   """Flax variable path -> torchvision key.
 
@@ -107,7 +112,7 @@ def stage_sizes(keys):
 
 
 def check_depth(keys, depth, where):
-  """Raises ValueError naming the checkpoint's depth when its blocks are not ResNet-`depth`'s
+  """Raises WeightsError naming the checkpoint's depth when its blocks are not ResNet-`depth`'s
   (bottleneck blocks, `resnet.STAGE_SIZES[depth]` per stage)."""
   sizes = stage_sizes(keys)
   bottleneck = any("conv3" in key for key in keys)
@@ -115,7 +120,7 @@ def check_depth(keys, depth, where):
     return
   found = _TORCHVISION_DEPTHS.get((bottleneck, sizes))
   looks_like = f"a ResNet-{found}" if found else "an unknown ResNet"
-  raise ValueError(
+  raise WeightsError(
       f"{where}: this looks like {looks_like} checkpoint (config.model.backbone=resnet{depth}): "
       f"{'bottleneck' if bottleneck else 'basic'} blocks per stage {sizes}, ResNet-{depth} has "
       f"bottleneck blocks {resnet.STAGE_SIZES[depth]}. Use ResNet-{depth} weights or set "
@@ -138,12 +143,12 @@ def from_torchvision(state_dict, depth, where="torchvision state dict"):
   (e.g. the file) starts the error messages.
 
   Returns {"params": ..., "batch_stats": ...} of float32 numpy arrays. Missing keys and shape
-  mismatches raise ValueError; unexpected keys (e.g. `fc.*`) are logged and dropped.
+  mismatches raise WeightsError; unexpected keys (e.g. `fc.*`) are logged and dropped.
   """
   check_depth(state_dict, depth, where)
   missing, unexpected = compare_keys(state_dict, depth)
   if missing:
-    raise ValueError(f"{where}: a ResNet-{depth} state dict lacks {len(missing)} keys: {_listed(missing)}")
+    raise WeightsError(f"{where}: a ResNet-{depth} state dict lacks {len(missing)} keys: {_listed(missing)}")
   if any(not k.startswith("fc.") for k in unexpected):
     logging.warning("Dropped %d unexpected keys: %s", len(unexpected), _listed(unexpected))
   elif unexpected:
@@ -152,7 +157,7 @@ def from_torchvision(state_dict, depth, where="torchvision state dict"):
   for key, (collection, path, torch_shape) in expected_torchvision_shapes(depth).items():
     value = np.asarray(state_dict[key], np.float32)
     if value.shape != torch_shape:
-      raise ValueError(f"{where}: shape mismatch for {key}: checkpoint has {value.shape}, "
+      raise WeightsError(f"{where}: shape mismatch for {key}: checkpoint has {value.shape}, "
                        f"ResNet-{depth} expects {torch_shape}.")
     if collection == "params" and path[-1] == "kernel":
       value = np.ascontiguousarray(value.transpose(2, 3, 1, 0))  # OIHW -> HWIO
@@ -209,7 +214,7 @@ def _from_official_layout(state_dict, template, where):
   `jax.ShapeDtypeStruct`s of `RSEPMNet` variables), float32 numpy.
 
   Every key and shape is checked: missing or unexpected keys and shape mismatches raise one
-  ValueError naming them; `num_batches_tracked` is ignored.
+  WeightsError naming them; `num_batches_tracked` is ignored.
   """
   expected = {}
   for collection in ("params", "batch_stats"):
@@ -230,7 +235,7 @@ def _from_official_layout(state_dict, template, where):
                                     ("shape mismatches", wrong_shape)) if names]
     built = ", ".join(f"{name}={np.shape(state_dict[key])[0]}"
                       for name, key in _OFFICIAL_SIZES if key in state_dict)
-    raise ValueError(
+    raise WeightsError(
         f"{where} does not fit the configured RS+EPM model ({'; '.join(problems)}). Check "
         "config.model.backbone, config.data.num_classes, config.model.decoder_channels / "
         "low_level_channels and config.model.with_decoder against the checkpoint"
@@ -265,7 +270,7 @@ def load_official(path, config):
   """`from_official` of the weights file `path`; a backbone-only (ImageNet) file is an error."""
   state_dict = load_state_dict(path)
   if not is_official(state_dict):
-    raise ValueError(
+    raise WeightsError(
         f"{path} holds no official RS+EPM heads (no {' / '.join(_OFFICIAL_HEADS)} keys): an "
         "ImageNet backbone initialises training only. Evaluating, exporting or predicting needs "
         "a checkpoint in the workdir or a whole official RS+EPM checkpoint.")
@@ -288,7 +293,7 @@ def unwrap_state_dict(checkpoint, path):
       return checkpoint[key]
   tensors = {k: v for k, v in checkpoint.items() if hasattr(v, "shape")}
   if not tensors:
-    raise ValueError(f"{path} holds no weights: its top-level keys are {_listed(sorted(checkpoint))}, "
+    raise WeightsError(f"{path} holds no weights: its top-level keys are {_listed(sorted(checkpoint))}, "
                      f"expected tensors or one of {list(_WRAPPER_KEYS)} holding them.")
   return tensors
 
@@ -322,21 +327,21 @@ def load_state_dict(path):
   if path.suffix == ".npz":
     with np.load(io.BytesIO(path.read_bytes())) as arrays:
       return dict(arrays)
-  raise ValueError(f"Unsupported weights file {path}: expected .safetensors, .pth, .pt "
+  raise WeightsError(f"Unsupported weights file {path}: expected .safetensors, .pth, .pt "
                    "or .npz.")
 
 
 def _check_same_shapes(expected, given, where):
-  """Raise ValueError unless the two trees have the same paths and leaf shapes."""
+  """Raise WeightsError unless the two trees have the same paths and leaf shapes."""
   expected = traverse_util.flatten_dict(expected, sep="/")
   given = traverse_util.flatten_dict(given, sep="/")
   missing, extra = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
   if missing or extra:
-    raise ValueError(f"{where}: {len(missing)} missing variables {_listed(missing)}, "
+    raise WeightsError(f"{where}: {len(missing)} missing variables {_listed(missing)}, "
                      f"{len(extra)} unexpected variables {_listed(extra)}.")
   for name, leaf in expected.items():
     if tuple(given[name].shape) != tuple(leaf.shape):
-      raise ValueError(f"Shape mismatch for {where}/{name}: weights have "
+      raise WeightsError(f"Shape mismatch for {where}/{name}: weights have "
                        f"{tuple(given[name].shape)}, the model expects {tuple(leaf.shape)}.")
 
 
@@ -356,7 +361,7 @@ def load_into(variables, path, depth):
   """Copy of RSEPMNet `variables` with `params/backbone` and `batch_stats/backbone` from `path`.
 
   The classifier, ASPP and decoder are left as they are, unless `path` is an official RS+EPM
-  checkpoint (`is_official`): then every variable comes from it. Raises ValueError when the
+  checkpoint (`is_official`): then every variable comes from it. Raises WeightsError when the
   weights do not fit the model (e.g. a depth mismatch).
   """
   arrays = load_state_dict(path)
