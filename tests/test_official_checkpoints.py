@@ -224,13 +224,15 @@ def test_converted_heads_match_the_official_forward(official, converted):
 def test_key_and_shape_errors_name_them(official, edit, message):
   broken = dict(official)
   edit(broken)
-  with pytest.raises(ValueError, match="ckpt.pth does not fit the configured RS\\+EPM model") as e:
+  with pytest.raises(convert.WeightsError,
+                     match="ckpt.pth does not fit the configured RS\\+EPM model") as e:
     convert.from_official(broken, rsepm_config(), "ckpt.pth")
   assert e.match(message)
 
 
 def test_shape_errors_name_the_checkpoint_sizes(official):
-  with pytest.raises(ValueError, match=r"low_level_channels and config.model.with_decoder against "
+  with pytest.raises(convert.WeightsError,
+                     match=r"low_level_channels and config.model.with_decoder against "
                      r"the checkpoint \(it has data.num_classes=20, model.decoder_channels=256, "
                      r"model.low_level_channels=256\)\.$"):
     convert.from_official(official, rsepm_config(decoder_channels=16, low_level_channels=16))
@@ -243,7 +245,7 @@ def test_num_batches_tracked_is_optional(official, converted):
 
 
 def test_depth_mismatch_is_named(official):
-  with pytest.raises(ValueError, match="looks like a ResNet-50 checkpoint"):
+  with pytest.raises(convert.WeightsError, match="looks like a ResNet-50 checkpoint"):
     convert.from_official(official, rsepm_config(backbone="resnet101"))
 
 
@@ -288,7 +290,7 @@ def test_inference_without_a_checkpoint_uses_init_from(official_file, converted,
       {k[len("model."):]: v for k, v in convert.load_state_dict(official_file).items()
        if k.startswith("model.")}))
   config.model.init_from = str(backbone_only)
-  with pytest.raises(ValueError, match="holds no official RS\\+EPM heads"):
+  with pytest.raises(convert.WeightsError, match="holds no official RS\\+EPM heads"):
     train.restore_for_inference(config, str(tmp_path / "run"), mesh)
 
 
