@@ -9,6 +9,8 @@
 Modes: train (resumes from the latest checkpoint in --workdir, then evaluates), eval (scores a
 checkpoint: the latest or --step), export (pseudo-label PNGs of config.export.split), predict
 (multi-scale + flip segmentation of image files: label PNGs, overlays, CAM heat maps).
+eval, export and predict in a workdir without checkpoints use the official RS+EPM weights of
+--config.model.init_from=rsepm_r50.pth (or its .safetensors from rsepm_jax.models.convert).
 
 Configs: configs/demo.py (synthetic data), configs/voc.py, configs/coco.py, each with a :smoke
 variant; an installed package carries them in its rsepm_jax/configs/ folder
