@@ -16,7 +16,9 @@ Rows (`--rows`, comma-separated; default all but `compare`, which is added when 
               the components at the sizes of a `--component_size` crop (PAMR on the stride-4
               grid with 21 channels, SCG on the stride-16 grid, Canny and EPM on full images);
               pamr_torch is the official PAMR's computation in PyTorch (when torch imports);
-              crf is "n/a" until `rsepm_jax.refine.crf` exists.
+              crf is the dense CRF (RS+EPM's parameters, 21 labels) on one image of
+              component_size x 3/4 of it (VOC's 500 x 375 at 512), timed against pydensecrf
+              where it imports.
   compare     our JAX train step against a PyTorch train step written here from the spec
               (torchvision ResNet, random init; DeepLabv3+ head; CAM classifier; SCG; PAMR in
               the unfold formulation; SGD), both float32 without mixing, at `--compare_batch` x
@@ -53,6 +55,7 @@ from rsepm_jax import train_step
 from rsepm_jax.evaluate import cam_thresholds
 from rsepm_jax.evaluate import make_eval_step
 from rsepm_jax.refine import canny
+from rsepm_jax.refine import crf
 from rsepm_jax.refine import edge_predict_mix
 from rsepm_jax.refine import pamr
 from rsepm_jax.refine import scg
@@ -356,20 +359,22 @@ class Benchmark:
                     (state_lib.prng_key(0), images, seeds, masks), self.repeats, batch)]
 
   def row_crf(self):
-    try:
-      from rsepm_jax.refine import crf  # pylint: disable=g-import-not-at-top
-    except ImportError:
-      raise NotApplicable("not implemented yet") from None
-    names = ("dense_crf", "crf", "crf_inference")
-    fn = next((getattr(crf, n) for n in names if callable(getattr(crf, n, None))), None)
-    if fn is None:
-      raise NotApplicable(f"rsepm_jax.refine.crf has none of {names}")
+    width = self.component_size
+    height = width * 3 // 4  # VOC's 500 x 375 at the default 512
     rng = np.random.default_rng(0)
-    batch, size = self.component_batch, self.component_size
-    image = jnp.asarray(rng.integers(0, 256, (batch, size, size, 3)), jnp.float32)
-    probs = jax.nn.softmax(jnp.asarray(rng.normal(size=(batch, size, size, 21)), jnp.float32), -1)
-    return [measure("crf", f"dense CRF ({fn.__name__}) {batch}x{size}x{size}x21", jax.jit(fn),
-                    (image, probs), self.repeats, batch)]
+    coarse = jnp.asarray(rng.integers(0, 256, (1, height // 16, width // 16, 3)), jnp.float32)
+    image = jax.image.resize(coarse, (1, height, width, 3), "linear").astype(jnp.uint8)
+    probs = jax.nn.softmax(jnp.asarray(rng.normal(size=(1, height, width, 21)), jnp.float32), -1)
+    row = measure("crf", f"dense CRF 1x{height}x{width}x21, 10 iterations",
+                  jax.jit(crf.dense_crf_batch), (image, probs), self.repeats, 1)
+    try:
+      pydensecrf_s = pydensecrf_seconds(np.asarray(image[0]), np.asarray(probs[0]))
+    except ImportError:
+      pass
+    else:
+      row["note"] = (f"pydensecrf {1e3 * pydensecrf_s:.0f} ms (CPU, 1 thread): "
+                     f"{row['median_ms'] / 1e3 / pydensecrf_s:.1f}x its time")
+    return [row]
 
   # --------------------------------------------------------------------------- JAX vs PyTorch
 
@@ -469,6 +474,29 @@ def torch_pamr_runs(image, masks, rs, repeats):
     run()
     runs.append(time.perf_counter() - start)
   return runs
+
+
+def pydensecrf_seconds(image, probs, repeats=3):
+  """Median seconds of pydensecrf's CRF (RS+EPM's parameters, 10 iterations) on [H, W, 3] uint8
+  and [H, W, K]; ImportError where pydensecrf (or pydensecrf2) is not installed."""
+  from pydensecrf import densecrf  # pylint: disable=g-import-not-at-top
+  height, width, num_labels = probs.shape
+  unary = np.ascontiguousarray(-np.log(np.clip(probs, 1e-5, 1.0)).reshape(-1, num_labels).T)
+  image = np.array(image, np.uint8, order="C")  # writable: pydensecrf refuses read-only buffers
+
+  def run():
+    model = densecrf.DenseCRF2D(width, height, num_labels)
+    model.setUnaryEnergy(unary)
+    model.addPairwiseGaussian(sxy=1, compat=3)
+    model.addPairwiseBilateral(sxy=67, srgb=3, rgbim=image, compat=4)
+    return model.inference(10)
+
+  runs = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run()
+    runs.append(time.perf_counter() - start)
+  return float(np.median(runs))
 
 
 def _torch_min_max(x, dim):

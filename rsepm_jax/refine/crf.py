@@ -21,17 +21,21 @@ Filtering with K is O(N^2); here it is O(N):
     the labels agree with it: every pixel is splatted onto the d + 1 vertices of its enclosing
     simplex of the d = 5 dimensional lattice with barycentric weights, the lattice values are
     blurred with [1/2, 1, 1/2] along each of the d + 1 lattice directions in turn, and sliced
-    back with the same weights. Only the occupied lattice points are stored. A regular
-    bilateral grid was the alternative: with bi_rgb_std = 3 it needs 86^3 colour cells times the
-    spatial cells, times K labels, gigabytes per image; a local window would cut the 67 px
-    spatial kernel short.
-The lattice is built on the device, with static shapes: the N (d + 1) vertex keys and, for each,
-its neighbour along each direction are found by one lexicographic sort of the vertex keys
-together with the neighbours' keys (a point is found where a query lands right after it). The
-lattice approximates the Gaussian up to a constant factor, which the normalisation cancels.
-Cost: the sort is N (d + 1)(d + 2) rows, done once per image (about 10 s for 512 x 512 on a
-2-core CPU, milliseconds on a GPU); each iteration is a scatter-add, 2 (d + 1) gathers and a
-gather of [N (d + 1), K] values.
+    back with the same weights. A regular bilateral grid was the alternative: with
+    bi_rgb_std = 3 it needs 86^3 colour cells times the spatial cells, times K labels,
+    gigabytes per image; a local window would cut the 67 px spatial kernel short.
+The lattice is built on the device, with static shapes (slots for N (d + 1) points, of which the
+occupied ones are used): the vertex keys and, for each, its neighbour along each direction are
+found by one lexicographic sort of the vertex keys together with the neighbours' keys (a point
+is found where a query lands right after it). The lattice approximates the Gaussian up to a
+constant factor, which the normalisation cancels.
+
+Measured (tests/test_crf.py): with the smoothness kernel alone, Q within 2e-5 of a brute-force
+N x N mean field; the full CRF gives the brute force's labels on 12 x 16 scenes (Q within 0.03)
+and 98-100 % of them with noisy probabilities; 99.2-100 % label agreement with pydensecrf2 1.1
+on 48 x 64 to 512 x 512 images. Speed on this project's 2-core CPU, 512 x 512 x 21: 13-15 s, of
+which 9 s build the lattice (the sort of N (d + 1)(d + 2) rows), against pydensecrf's 6 s on one
+thread; every iteration is a scatter-add, 2 (d + 1) gathers and one gather of [N (d + 1), K].
 """
 import functools
 from typing import NamedTuple
@@ -123,6 +127,12 @@ def build_lattice(features):
   neighbour = jnp.full(d1 * slots, slots, jnp.int32).at[
       jnp.where(is_query == 1, row - slots, d1 * slots)].set(
           jnp.where(found, point, slots), mode="drop").reshape(d1, slots)
+  # Points renumbered in the order of their first pixel: the filter's scatter and gathers then
+  # touch nearby memory (3x faster on a CPU than in key order).
+  first_slot = jax.ops.segment_min(jnp.arange(slots, dtype=jnp.int32), vertex, num_segments=slots)
+  renumber = jnp.full(slots + 1, slots, jnp.int32).at[jnp.argsort(first_slot)].set(
+      jnp.arange(slots, dtype=jnp.int32))
+  vertex, neighbour = renumber[vertex], renumber[neighbour]
   direction = np.arange(d1)[:, None]
   plus = jnp.full((d1, slots + 1), slots, jnp.int32).at[direction, vertex[None, :]].set(neighbour)
   minus = jnp.full((d1, slots + 1), slots, jnp.int32).at[direction, plus[:, :slots]].set(
@@ -180,8 +190,8 @@ def dense_crf(image, probs, num_iter=10, pos_w=3.0, pos_xy_std=1.0, bi_w=4.0, bi
   if image.ndim != 3 or image.shape[-1] != 3:
     raise ValueError(f"dense_crf: image must be [H, W, 3] RGB, got shape {image.shape}.")
   if probs.ndim != 3 or probs.shape[:2] != image.shape[:2]:
-    raise ValueError(
-        f"dense_crf: probs must be [H, W, K] on the image grid {image.shape[:2]}, got {probs.shape}.")
+    raise ValueError(f"dense_crf: probs must be [H, W, K] on the image grid {image.shape[:2]}, "
+                     f"got {probs.shape}.")
   height, width = probs.shape[:2]
   logits = jnp.log(jnp.clip(probs.astype(jnp.float32), _MIN_PROB, 1.0))  # -U
   rows, cols = np.mgrid[:height, :width].astype(np.float32)
@@ -189,8 +199,11 @@ def dense_crf(image, probs, num_iter=10, pos_w=3.0, pos_xy_std=1.0, bi_w=4.0, bi
       [jnp.stack([jnp.asarray(cols), jnp.asarray(rows)], axis=-1) / bi_xy_std,
        image.astype(jnp.float32) / bi_rgb_std], axis=-1).reshape(height * width, 5)
   lattice = build_lattice(features)
-  flat = lambda fn: lambda q: fn(q.reshape(height * width, -1)).reshape(q.shape)
-  appearance = _symmetric(flat(functools.partial(lattice_filter, lattice)), (height, width, 1))
+
+  def appearance_filter(q):  # [H, W, C] -> [H, W, C]
+    return lattice_filter(lattice, q.reshape(height * width, -1)).reshape(q.shape)
+
+  appearance = _symmetric(appearance_filter, (height, width, 1))
   smoothness = _symmetric(functools.partial(gaussian_blur, std=pos_xy_std), (height, width, 1))
 
   def step(_, q):
