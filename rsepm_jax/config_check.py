@@ -18,6 +18,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from rsepm_jax import paper_eval
 from rsepm_jax import state as state_lib
 from rsepm_jax import train_step
 from rsepm_jax.configs import demo
@@ -166,6 +167,7 @@ def _range_problems(config):
        f"in [0, eval.cam_threshold_max={c.eval.cam_threshold_max}]"),
       ("eval.cam_threshold_max", c.eval.cam_threshold_max <= 1, "<= 1"),
       ("eval.cam_threshold_step", c.eval.cam_threshold_step > 0, "> 0"),
+      ("eval.protocol", c.eval.protocol in paper_eval.PROTOCOLS, f"one of {paper_eval.PROTOCOLS}"),
       ("export.bg_threshold", 0 <= c.export.bg_threshold <= 1, "in [0, 1]"),
   ]
   checks += [(f"loss.{name}", c.loss[name] >= 0, ">= 0") for name in (

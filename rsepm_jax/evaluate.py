@@ -117,9 +117,10 @@ def class_names(config):
 
 
 def report(results, config, workdir, step):
-  """Prints the tables and writes `workdir/eval/step_<step>.json` (process 0 only)."""
+  """Prints the tables and writes `workdir/eval/step_<step>.json` (`step_<step>_paper.json` for
+  `paper_eval` results; process 0 only)."""
   names = class_names(config)
-  for head in ("cam", "decoder"):
+  for head in ("cam", "decoder", "paper"):
     if head in results:
       extra = f" (best background threshold {results[head]['threshold']:.2f})" if head == "cam" else ""
       logging.info("%s mIoU on %s at step %d%s:\n%s", head, results["split"], step, extra,
@@ -129,7 +130,8 @@ def report(results, config, workdir, step):
   if jax.process_index() == 0:
     out_dir = epath.Path(workdir) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"step_{step}.json").write_text(
+    suffix = "_paper" if "paper" in results else ""
+    (out_dir / f"step_{step}{suffix}.json").write_text(
         json.dumps(_jsonable({**results, "class_names": names}), indent=2))
 
 

@@ -19,6 +19,7 @@ from rsepm_jax import config_check
 from rsepm_jax import evaluate
 from rsepm_jax import metric_writer
 from rsepm_jax import optimizer
+from rsepm_jax import paper_eval
 from rsepm_jax import parallel
 from rsepm_jax import preemption
 from rsepm_jax import state as state_lib
@@ -293,7 +294,11 @@ def evaluate_checkpoint(config, workdir, step=None, allow_config_change=False):
   model, variables, step = restore_for_inference(config, workdir, mesh, step, allow_config_change)
   preflight.check_splits(config.data, evaluated=(config.data.eval_split,))
   metric_writer.log_to_file(workdir)
-  results = evaluate.evaluate(model, variables, config, mesh)
+  if config.eval.protocol == "paper":
+    results = paper_eval.evaluate(model, variables, config)
+  else:
+    results = evaluate.evaluate(model, variables, config, mesh)
   evaluate.report(results, config, workdir, step)
-  logging.info("Results: %s", json.dumps({k: results[k]["miou"] for k in ("cam", "decoder") if k in results}))
+  logging.info("Results: %s", json.dumps({k: results[k]["miou"] for k in ("cam", "decoder", "paper")
+                                          if k in results}))
   return results

@@ -184,6 +184,9 @@ def get_config(arg=None):
   config.eval.cam_threshold_max = 0.80  # sweep end, inclusive
   config.eval.cam_threshold_step = 0.05  # sweep step
   config.eval.use_ema = True  # evaluate the EMA weights (as the official trainer saves)
+  config.eval.protocol = "single"  # --mode=eval: "single" (one scale, CAM + decoder) | "paper" (spec 8.1)
+  config.eval.gate_by_tags = False  # "paper": classes from the GT tags instead of inference.conf_th
+  config.eval.crf = True  # "paper": dense CRF on the image and the seeds before the argmax
 
   # ---------------------------------------------------------------------------- export
   config.export = ml_collections.ConfigDict()
