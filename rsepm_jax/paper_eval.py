@@ -9,6 +9,8 @@ and the argmax. The confusion matrix is streamed on the host (one `np.bincount` 
 int64 `[C + 1, C + 1]`, GT 255 ignored), each host over its shard of the split, and summed over
 the hosts; no per-image scores are kept.
 """
+import contextlib
+
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
@@ -83,8 +85,9 @@ def evaluate(model, variables, config, split=None):
   returns `evaluate.evaluate`'s results dict with the head "paper"."""
   split = split or config.data.eval_split
   progress = metric_writer.CountProgress(f"paper eval {split}", pipeline.num_records(config.data, split))
-  batches = pipeline.eval_batches(config.data, split, config.eval.global_batch_size)
-  confusion, num_images = stream_confusion(model, variables, config, batches, progress)
+  batches = iter(pipeline.eval_batches(config.data, split, config.eval.global_batch_size))
+  with contextlib.closing(batches):  # grain's read threads stop even when an image fails
+    confusion, num_images = stream_confusion(model, variables, config, batches, progress)
   confusion = sum_over_hosts(confusion)
   num_images = int(sum_over_hosts(np.asarray([num_images]))[0])
   return {"split": split, "num_images": num_images, "paper": metrics.segmentation_scores(confusion),
