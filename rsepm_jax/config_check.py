@@ -18,6 +18,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from rsepm_jax import inference
 from rsepm_jax import paper_eval
 from rsepm_jax import state as state_lib
 from rsepm_jax import train_step
@@ -110,15 +111,17 @@ def _type_problem(key, value, default):
   return None
 
 
-def _range_problems(config):
+def _range_problems(config, reads_data=True):
   """[(key, what is expected)] for values outside their range; types are already checked."""
   c = config
   checks = [
       ("seed", c.seed >= 0, ">= 0"),
       ("data.name", c.data.name in sources.SOURCE_NAMES, f"one of {sources.SOURCE_NAMES}"),
-      ("data.root", c.data.name == "synthetic" or bool(c.data.root),
+      ("data.root", not reads_data or c.data.name == "synthetic" or bool(c.data.root),
        f"the dataset folder (required for data.name={c.data.name!r})"),
       ("data.train_split", bool(c.data.train_split), "a split name"),
+      ("inference.background", c.inference.background in inference.BACKGROUNDS,
+       f"one of {inference.BACKGROUNDS}"),
       ("data.eval_split", bool(c.data.eval_split), "a split name"),
       ("data.num_classes", c.data.num_classes >= 1, ">= 1"),
       ("data.crop_size", c.data.crop_size >= 1, ">= 1"),
@@ -209,8 +212,10 @@ def _constructor_problems(config):
   return problems
 
 
-def validate(config):
+def validate(config, reads_data=True):
   """Raises `ConfigError` listing every bad key, value and what was expected; else returns None.
+
+  `reads_data=False` (--mode=predict): `data.root` may be empty.
 
   Types follow the defaults of configs/demo.py (ints stay ints, tuples of ints stay tuples of
   ints); then ranges, choices and sizes. Device-count divisibility is checked when the mesh
@@ -226,7 +231,7 @@ def validate(config):
       problems.append(f"config.{key}={values[key]!r}: {problem}.")
   if not problems:  # the range checks below read values of the right type
     problems += [f"config.{key}={values[key]!r}: expected {expected}."
-                 for key, expected in _range_problems(config)]
+                 for key, expected in _range_problems(config, reads_data)]
     problems += _constructor_problems(config)
   if problems:
     raise ConfigError(f"Invalid config ({len(problems)} problem{'s' * (len(problems) > 1)}):\n  "

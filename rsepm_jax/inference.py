@@ -22,6 +22,9 @@ import numpy as np
 from rsepm_jax import image_ops
 from rsepm_jax.models import rsepm
 
+# config.inference.background: "power" = (1 - max_c seed_c) ** bg_gamma, "constant" = bg_threshold.
+BACKGROUNDS = ("power", "constant")
+
 SCALES = (1.0, 0.5, 1.5, 2.0)
 SEG_STRIDE = 4  # the decoder's logits: stride 4 (spec 1.3)
 

@@ -18,7 +18,6 @@ import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 
-from rsepm_jax import config_check
 from rsepm_jax import evaluate
 from rsepm_jax import inference
 from rsepm_jax import metric_writer
@@ -28,7 +27,6 @@ from rsepm_jax import visualize
 from rsepm_jax.data import classes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-_BACKGROUNDS = ("power", "constant")
 
 
 def input_files(inputs):
@@ -105,13 +103,10 @@ def predict(config, workdir, inputs, output=None, step=None, allow_config_change
   Returns (number of images written by this process, paths of the files skipped as unreadable).
   """
   settings = config.inference
-  if settings.background not in _BACKGROUNDS:
-    raise config_check.ConfigError(
-        f"config.inference.background={settings.background!r}: expected one of {_BACKGROUNDS}.")
   files = input_files(inputs)
   mesh = parallel.make_mesh()
   model, variables, step = train.restore_for_inference(config, workdir, mesh, step,
-                                                       allow_config_change)
+                                                       allow_config_change, reads_data=False)
   metric_writer.log_to_file(workdir)
   out_dir = epath.Path(output or epath.Path(workdir) / "predictions")
   out_dir.mkdir(parents=True, exist_ok=True)

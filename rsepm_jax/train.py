@@ -257,14 +257,17 @@ def _evaluate_and_report(model, state, config, mesh, workdir, step, writer):
   return results
 
 
-def restore_for_inference(config, workdir, mesh, step=None, allow_config_change=False):
+def restore_for_inference(config, workdir, mesh, step=None, allow_config_change=False,
+                          reads_data=True):
   """(model, evaluation variables, step) of the checkpoint `step` (default: latest) in `workdir`.
+
+  `reads_data=False` (predict): the config needs no data set (`config_check.validate`).
 
   Network changes since the checkpoint are refused unless `allow_config_change` (`config_check`).
   A workdir without checkpoints and `config.model.init_from` set gives that file's whole model
   (an official RS+EPM checkpoint, `convert.load_official`) as step 0.
   """
-  config_check.validate(config)
+  config_check.validate(config, reads_data)
   parallel.wait_for_all_processes("inference_manager")  # orbax's first sync is a collective
   manager = checkpoint.make_manager(workdir)
   if step is None and not manager.all_steps() and config.model.init_from:
@@ -277,8 +280,9 @@ def restore_for_inference(config, workdir, mesh, step=None, allow_config_change=
   step = checkpoint.resolve_step(manager, step)
   differing = checkpoint.check_config(manager, step, config, False, allow_config_change)
   model = state_lib.build_model(config, bn_axis_name=parallel.DATA_AXIS)
-  _, total_steps = schedule_lengths(config)
-  tx = optimizer.make_optimizer(config.optim, total_steps)
+  # The restore target needs the optimiser state's structure and shapes, which the schedule's
+  # length does not change: no need to read the train split.
+  tx = optimizer.make_optimizer(config.optim, total_steps=1)
   target = state_lib.create_train_state(
       model, tx, config, state_lib.prng_key(0), mesh, pretrained=False)
   parallel.wait_for_all_processes("inference_state_ready")  # restore is a collective too

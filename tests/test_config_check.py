@@ -78,6 +78,7 @@ def test_values_out_of_range_are_named_together():
   config.data.crop_size = 100  # not a multiple of the CAM stride (32 with the stride above)
   config.eval.global_batch_size = 0
   config.mix.kind = "epmm"
+  config.inference.background = "gamma"
   message = _problems(config)
   for expected in ("config.optim.lr=0.0: expected > 0",
                    "config.model.output_stride=32: expected 8 or 16",
@@ -87,8 +88,13 @@ def test_values_out_of_range_are_named_together():
                    "config.loss.mix_start_epoch=8: expected in [0, train.num_epochs=6]",
                    "config.data.crop_size=100: expected a multiple of the CAM stride 32",
                    "config.eval.global_batch_size=0: expected >= 1",
-                   "config.mix: MixSettings.kind='epmm'"):
+                   "config.mix: MixSettings.kind='epmm'",
+                   "config.inference.background='gamma': expected one of ('power', 'constant')"):
     assert expected in message
+  # A VOC config needs its data folder, except to segment the user's own images (predict).
+  config = voc.get_config()
+  assert "config.data.root='': expected the dataset folder" in _problems(config)
+  config_check.validate(config, reads_data=False)
   # The modules' own constructors report too: here the synthetic generator's shape count.
   config = demo.get_config()
   config.data.num_classes = len(synthetic.CLASS_NAMES) + 1
