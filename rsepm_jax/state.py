@@ -13,9 +13,6 @@ from rsepm_jax import parallel
 from rsepm_jax.models import convert
 from rsepm_jax.models import rsepm
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
 def prng_key(seed):
   """The run's root PRNG key.
 
@@ -26,24 +23,8 @@ def prng_key(seed):
 
 
 def build_model(config, bn_axis_name=None):
-  """`RSEPMNet` from `config.model` and `config.data.num_classes`."""
-  model_config = config.model
-  if model_config.dtype not in _DTYPES:
-    raise ValueError(f"config.model.dtype={model_config.dtype!r}; expected one of {sorted(_DTYPES)}.")
-  return rsepm.RSEPMNet(
-      num_classes=config.data.num_classes,
-      backbone=model_config.backbone,
-      backbone_width=model_config.backbone_width,
-      output_stride=model_config.output_stride,
-      last_stride=model_config.last_stride,
-      with_decoder=model_config.with_decoder,
-      decoder_channels=model_config.decoder_channels,
-      low_level_channels=model_config.low_level_channels,
-      aspp_dilations=tuple(model_config.aspp_dilations) or None,
-      aspp_dropout=model_config.aspp_dropout,
-      decoder_dropout=tuple(model_config.decoder_dropout),
-      dtype=_DTYPES[model_config.dtype],
-      bn_axis_name=bn_axis_name)
+  """`RSEPMNet` from `config.model` and `config.data.num_classes` (`rsepm.from_config`)."""
+  return rsepm.from_config(config, bn_axis_name)
 
 
 def backbone_depth(backbone):

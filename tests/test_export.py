@@ -4,12 +4,7 @@ import numpy as np
 from PIL import Image
 
 from rsepm_jax.configs import demo
-from rsepm_jax import checkpoint
 from rsepm_jax import export
-from rsepm_jax import optimizer
-from rsepm_jax import parallel
-from rsepm_jax import state as state_lib
-from rsepm_jax.data import pipeline
 from rsepm_jax.data import synthetic
 
 
@@ -27,18 +22,11 @@ def test_pseudo_labels_keep_tagged_classes_above_the_background_score():
   assert np.all(out[0, :, :3] == 1) and np.all(out[0, :, 5:] == 0)
 
 
-def test_export_writes_one_png_per_image_with_its_size_and_tags(tmp_path):
+def test_export_writes_one_png_per_image_with_its_size_and_tags(tmp_path, save_untrained_checkpoint):
   config = demo.get_config("smoke")
   config.export.split = "val"
   config.export.bg_threshold = 0.1
-  mesh = parallel.make_mesh()
-  model = state_lib.build_model(config, bn_axis_name=parallel.DATA_AXIS)
-  tx = optimizer.make_optimizer(config.optim, total_steps=8)
-  state = state_lib.create_train_state(model, tx, config, state_lib.prng_key(0), mesh)
-  manager = checkpoint.make_manager(tmp_path)
-  checkpoint.save(manager, 3, state, pipeline.train_iterator(config.data, 8, seed=0))
-  manager.wait_until_finished()
-  manager.close()
+  save_untrained_checkpoint(config, tmp_path, 3)
 
   assert export.export_pseudo_labels(config, str(tmp_path)) == config.data.synthetic.num_eval
   source = synthetic.from_config(config.data, "val")

@@ -9,13 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from rsepm_jax import checkpoint
 from rsepm_jax import config_check
 from rsepm_jax import inference
-from rsepm_jax import optimizer
 from rsepm_jax import paper_eval
-from rsepm_jax import parallel
-from rsepm_jax import state as state_lib
 from rsepm_jax.configs import demo
 from rsepm_jax.data import pipeline
 from rsepm_jax.data import synthetic
@@ -98,17 +94,10 @@ def test_an_unknown_protocol_is_refused():
     config_check.validate(config)
 
 
-def test_eval_paper_protocol_from_the_command_line(tmp_path):
+def test_eval_paper_protocol_from_the_command_line(tmp_path, save_untrained_checkpoint):
   config = demo.get_config("smoke")
-  mesh = parallel.make_mesh()
-  model = state_lib.build_model(config, bn_axis_name=parallel.DATA_AXIS)
-  tx = optimizer.make_optimizer(config.optim, total_steps=8)
-  state = state_lib.create_train_state(model, tx, config, state_lib.prng_key(0), mesh)
   workdir = tmp_path / "work"
-  manager = checkpoint.make_manager(workdir)
-  checkpoint.save(manager, 2, state, pipeline.train_iterator(config.data, 8, seed=0))
-  manager.wait_until_finished()
-  manager.close()
+  save_untrained_checkpoint(config, workdir, 2)
 
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR="/tmp/jax_cache")

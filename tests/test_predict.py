@@ -5,33 +5,21 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from rsepm_jax import checkpoint
-from rsepm_jax import optimizer
-from rsepm_jax import parallel
 from rsepm_jax import predict
-from rsepm_jax import state as state_lib
 from rsepm_jax.configs import demo
 from rsepm_jax.data import classes
-from rsepm_jax.data import pipeline
 from rsepm_jax.data import synthetic
 
 SIZES = {"a": (32, 40), "b": (32, 40), "c": (24, 36)}  # (height, width)
 
 
-def test_predict_writes_outputs_per_image_and_names_the_corrupt_file(tmp_path, caplog):
+def test_predict_writes_outputs_per_image_and_names_the_corrupt_file(tmp_path, save_untrained_checkpoint, caplog):
   config = demo.get_config("smoke")
   config.inference.scales = (1.0, 0.5)
   config.inference.size_bucket = 32  # every view pads to 32 x 32 or 32 x 64: two compilations
   config.inference.conf_th = 0.0  # every class kept: one heat map per class
-  mesh = parallel.make_mesh()
-  model = state_lib.build_model(config, bn_axis_name=parallel.DATA_AXIS)
-  tx = optimizer.make_optimizer(config.optim, total_steps=8)
-  state = state_lib.create_train_state(model, tx, config, state_lib.prng_key(0), mesh)
   workdir = tmp_path / "work"
-  manager = checkpoint.make_manager(workdir)
-  checkpoint.save(manager, 3, state, pipeline.train_iterator(config.data, 8, seed=0))
-  manager.wait_until_finished()
-  manager.close()
+  save_untrained_checkpoint(config, workdir, 3)
 
   photos = tmp_path / "photos"
   photos.mkdir()

@@ -28,6 +28,7 @@ import numpy as np
 import safetensors.numpy
 
 from rsepm_jax.models import resnet
+from rsepm_jax.models import rsepm
 
 
 # (collection, Flax leaf) -> torchvision leaf.
@@ -258,8 +259,7 @@ def from_official(state_dict, config, where="official RS+EPM state dict"):
   (docs: official_checkpoints.md). Conv kernels OIHW -> HWIO.
   """
   # Imported here: rsepm_jax.state imports this module.
-  from rsepm_jax import state  # pylint: disable=g-import-not-at-top
-  model = state.build_model(config)
+  model = rsepm.from_config(config)
   size = config.data.crop_size
   template = jax.eval_shape(model.init, jax.random.key(0),
                             jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))

@@ -8,6 +8,7 @@ from rsepm_jax.models import decoder
 from rsepm_jax.models import resnet
 
 BACKBONES = ("resnet50", "resnet101", "tiny")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config.model.dtype
 
 
 def cam_stride(output_stride, last_stride):
@@ -83,3 +84,25 @@ class RSEPMNet(nn.Module):
               aspp_features, features["C2"], train, dropout)
       outputs["seg_logits"] = seg_logits.astype(jnp.float32)
     return outputs
+
+
+def from_config(config, bn_axis_name=None):
+  """`RSEPMNet` from `config.model` and `config.data.num_classes`; BatchNorm statistics are
+  averaged over the mesh axis `bn_axis_name` when given."""
+  model_config = config.model
+  if model_config.dtype not in DTYPES:
+    raise ValueError(f"config.model.dtype={model_config.dtype!r}; expected one of {sorted(DTYPES)}.")
+  return RSEPMNet(
+      num_classes=config.data.num_classes,
+      backbone=model_config.backbone,
+      backbone_width=model_config.backbone_width,
+      output_stride=model_config.output_stride,
+      last_stride=model_config.last_stride,
+      with_decoder=model_config.with_decoder,
+      decoder_channels=model_config.decoder_channels,
+      low_level_channels=model_config.low_level_channels,
+      aspp_dilations=tuple(model_config.aspp_dilations) or None,
+      aspp_dropout=model_config.aspp_dropout,
+      decoder_dropout=tuple(model_config.decoder_dropout),
+      dtype=DTYPES[model_config.dtype],
+      bn_axis_name=bn_axis_name)
