@@ -1,4 +1,4 @@
-"""RecurSeed + EdgePredictMix: train, evaluate or export pseudo labels.
+r"""RecurSeed + EdgePredictMix: train, evaluate, export pseudo labels or segment images.
 
   python -m rsepm_jax.main --config=configs/demo.py --workdir=/tmp/rsepm_demo
   python -m rsepm_jax.main --config=configs/demo.py --workdir=/tmp/rsepm_demo --mode=eval
@@ -7,7 +7,8 @@
       --input=photos/ [--output=DIR]
 
 Modes: train (resumes from the latest checkpoint in --workdir, then evaluates), eval (scores a
-checkpoint: the latest or --step), export (pseudo-label PNGs of config.export.split), predict
+checkpoint: the latest or --step; --config.eval.protocol=paper for the paper's multi-scale + flip +
+CRF protocol), export (pseudo-label PNGs of config.export.split), predict
 (multi-scale + flip segmentation of image files: label PNGs, overlays, CAM heat maps).
 eval, export and predict in a workdir without checkpoints use the official RS+EPM weights of
 --config.model.init_from=rsepm_r50.pth (or its .safetensors from rsepm_jax.models.convert).
