@@ -120,8 +120,6 @@ def _range_problems(config, reads_data=True):
       ("data.root", not reads_data or c.data.name == "synthetic" or bool(c.data.root),
        f"the dataset folder (required for data.name={c.data.name!r})"),
       ("data.train_split", bool(c.data.train_split), "a split name"),
-      ("inference.background", c.inference.background in inference.BACKGROUNDS,
-       f"one of {inference.BACKGROUNDS}"),
       ("data.eval_split", bool(c.data.eval_split), "a split name"),
       ("data.num_classes", c.data.num_classes >= 1, ">= 1"),
       ("data.crop_size", c.data.crop_size >= 1, ">= 1"),
@@ -170,6 +168,8 @@ def _range_problems(config, reads_data=True):
        f"in [0, eval.cam_threshold_max={c.eval.cam_threshold_max}]"),
       ("eval.cam_threshold_max", c.eval.cam_threshold_max <= 1, "<= 1"),
       ("eval.cam_threshold_step", c.eval.cam_threshold_step > 0, "> 0"),
+      ("inference.background", c.inference.background in inference.BACKGROUNDS,
+       f"one of {inference.BACKGROUNDS}"),
       ("eval.protocol", c.eval.protocol in paper_eval.PROTOCOLS, f"one of {paper_eval.PROTOCOLS}"),
       ("export.bg_threshold", 0 <= c.export.bg_threshold <= 1, "in [0, 1]"),
   ]

@@ -4,7 +4,11 @@
   centres, no antialiasing, source coordinates clamped at the borders.
 * `resize_bilinear_align_corners`: `align_corners=True` (PAMR's image resize).
 * `resize_nearest`: PyTorch's legacy `nearest`, `src = floor(dst * in / out)`.
+
+And `correlate_valid`, the 1-D pass of separable filters (Canny's blur and Sobel, the CRF's
+Gaussian).
 """
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
@@ -91,3 +95,15 @@ def scale_box(box, stride):
   bottom_right = -(-box[:, 2:] // stride)
   return jnp.concatenate([top_left, bottom_right], axis=1)
 
+
+def correlate_valid(x, taps, axis):
+  """Correlation of `x` with the 1-D `taps` (numbers) along `axis`, without padding: the axis
+  shrinks by `len(taps) - 1`; zero taps are skipped.
+
+  Callers pad once, with the border mode they need, before both passes of a separable filter
+  (padding the fused output of a first pass again made XLA CPU several times slower).
+  """
+  size = x.shape[axis] - len(taps) + 1
+  terms = [lax.slice_in_dim(x, offset, offset + size, axis=axis) * np.float32(tap)
+           for offset, tap in enumerate(taps) if tap]
+  return sum(terms[1:], terms[0])

@@ -5,8 +5,8 @@ Per eval image at its own size (the padded record cropped back to its `crop_box`
 classes of `pred_class >= config.inference.conf_th` (or the GT tags with
 `config.eval.gate_by_tags`) and the background of `config.inference.background`, then, with
 `config.eval.crf`, `refine.crf.dense_crf` on the image and the background + kept-class channels,
-and the argmax. The confusion matrix is streamed on the host (one `np.bincount` per image into
-int64 `[C + 1, C + 1]`, GT 255 ignored), each host over its shard of the split, and summed over
+and the argmax. The confusion matrix is streamed (`metrics.confusion_matrix` per image,
+accumulated on the host in int64 `[C + 1, C + 1]`, GT 255 ignored), each host over its shard of the split, and summed over
 the hosts; no per-image scores are kept.
 """
 import contextlib
@@ -43,13 +43,6 @@ def predict_label(model, variables, image, tags, config):
   return labels[np.argmax(np.asarray(refined), axis=-1)].astype(np.uint8)
 
 
-def image_confusion(label, gt, num_labels):
-  """int64 `[K, K]` pixel counts (rows GT, columns `label`) of one image; GT 255 not counted."""
-  counted = gt != 255
-  pairs = gt[counted].astype(np.int64) * num_labels + label[counted]
-  return np.bincount(pairs, minlength=num_labels * num_labels).reshape(num_labels, num_labels)
-
-
 def stream_confusion(model, variables, config, batches, progress=None):
   """(int64 `[C + 1, C + 1]`, number of images) over the valid records of host `batches`
   (`pipeline.eval_batches` dicts: image uint8 `[b, S, S, 3]`, mask `[b, S, S]`, labels `[b, C]`,
@@ -62,8 +55,8 @@ def stream_confusion(model, variables, config, batches, progress=None):
       top, left, bottom, right = (int(v) for v in batch["crop_box"][i])
       image = np.asarray(batch["image"][i, top:bottom, left:right])
       label = predict_label(model, variables, image, batch["labels"][i] > 0, config)
-      total += image_confusion(label, np.asarray(batch["mask"][i, top:bottom, left:right]),
-                               num_labels)
+      total = metrics.accumulate(total, metrics.confusion_matrix(
+          label, batch["mask"][i, top:bottom, left:right], num_labels))
       num_images += 1
     if progress is not None:
       progress.advance(len(batch["valid"]))

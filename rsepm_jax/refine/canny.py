@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from rsepm_jax import image_ops
+
 # OpenCV's `getGaussianKernel` table for odd ksize <= 9 when sigma <= 0.
 _SMALL_GAUSSIAN_KERNELS = {
     1: (1.0,),
@@ -48,18 +50,6 @@ def gaussian_kernel_1d(ksize):
   return kernel / kernel.sum()
 
 
-def _correlate_valid(x, taps, axis):
-  """Correlation of `x [B, H, W]` with the 1-D `taps` along `axis`, without padding.
-
-  The axis shrinks by `len(taps) - 1`; callers pad once, with the border mode they need, before
-  both passes (padding the fused output of a first pass again made XLA CPU several times slower).
-  """
-  size = x.shape[axis] - len(taps) + 1
-  terms = [lax.slice_in_dim(x, offset, offset + size, axis=axis) * np.float32(tap)
-           for offset, tap in enumerate(taps) if tap]
-  return sum(terms[1:], terms[0])
-
-
 def gaussian_blur(gray, ksize=5, round_blur=True):
   """`cv2.GaussianBlur(gray, (ksize, ksize), 0)` of `gray [B, H, W]` float (0..255).
 
@@ -73,7 +63,7 @@ def gaussian_blur(gray, ksize=5, round_blur=True):
   taps = gaussian_kernel_1d(ksize)
   radius = ksize // 2
   padded = jnp.pad(gray, ((0, 0), (radius, radius), (radius, radius)), mode="reflect")
-  blurred = _correlate_valid(_correlate_valid(padded, taps, 1), taps, 2)
+  blurred = image_ops.correlate_valid(image_ops.correlate_valid(padded, taps, 1), taps, 2)
   if round_blur:
     blurred = jnp.floor(blurred + 0.5)
   return blurred
@@ -82,8 +72,8 @@ def gaussian_blur(gray, ksize=5, round_blur=True):
 def sobel_3x3(gray):
   """3x3 Sobel derivatives `(gx, gy)`, each `[B, H, W]`, with BORDER_REPLICATE."""
   padded = jnp.pad(gray, ((0, 0), (1, 1), (1, 1)), mode="edge")
-  gx = _correlate_valid(_correlate_valid(padded, (1, 2, 1), 1), (-1, 0, 1), 2)
-  gy = _correlate_valid(_correlate_valid(padded, (-1, 0, 1), 1), (1, 2, 1), 2)
+  gx = image_ops.correlate_valid(image_ops.correlate_valid(padded, (1, 2, 1), 1), (-1, 0, 1), 2)
+  gy = image_ops.correlate_valid(image_ops.correlate_valid(padded, (-1, 0, 1), 1), (1, 2, 1), 2)
   return gx, gy
 
 

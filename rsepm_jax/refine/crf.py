@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rsepm_jax import image_ops
+
 _MIN_PROB = 1e-5
 
 
@@ -159,11 +161,8 @@ def gaussian_blur(values, std):
   """
   radius = max(int(np.ceil(4 * std)), 1)
   taps = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2.0 * std ** 2)).astype(np.float32)
-  height, width = values.shape[:2]
-  padded = jnp.pad(values, ((radius, radius), (0, 0), (0, 0)))
-  values = sum(w * padded[t:t + height] for t, w in enumerate(taps))
-  padded = jnp.pad(values, ((0, 0), (radius, radius), (0, 0)))
-  return sum(w * padded[:, t:t + width] for t, w in enumerate(taps))
+  padded = jnp.pad(values, ((radius, radius), (radius, radius), (0, 0)))
+  return image_ops.correlate_valid(image_ops.correlate_valid(padded, taps, 0), taps, 1)
 
 
 def _symmetric(filter_fn, shape):
