@@ -26,17 +26,19 @@ _INT32_BITS = 31
 _dense_crf = jax.jit(crf.dense_crf)  # one compilation per image size and number of labels
 
 
-def predict_label(model, variables, image, tags, config):
-  """uint8 `[H, W]` label (0 background, c + 1 class c) of one uint8 RGB `[H, W, 3]` image;
-  `tags`: its multi-hot GT classes `[C]`, used only with `config.eval.gate_by_tags`."""
+def predict_label(model, variables, image, config, tags=None, use_crf=True):
+  """uint8 `[H, W]` label (0 background, c + 1 class c) of one uint8 RGB `[H, W, 3]` image.
+
+  Classes: `tags` (multi-hot `[C]`) when given, else `pred_class >= config.inference.conf_th`.
+  `use_crf`: the dense CRF on the image and the background + kept-class channels."""
   settings = config.inference
   scores = inference.multiscale(model, variables, image, tuple(settings.scales), settings.hflip,
                                 settings.size_bucket)
   result = inference.segment(
-      scores["pred_mask"], scores["pred_class"], tags=tags if config.eval.gate_by_tags else None,
+      scores["pred_mask"], scores["pred_class"], tags=tags,
       conf_th=settings.conf_th, bg_gamma=settings.bg_gamma,
       bg_threshold=settings.bg_threshold if settings.background == "constant" else None)
-  if not config.eval.crf or not len(result["keys"]):
+  if not use_crf or not len(result["keys"]):
     return result["label"]
   labels = np.concatenate([[0], result["keys"] + 1])  # background and the kept classes
   refined = _dense_crf(image, result["probs"][..., labels])
@@ -54,7 +56,8 @@ def stream_confusion(model, variables, config, batches, progress=None):
     for i in np.flatnonzero(batch["valid"]):
       top, left, bottom, right = (int(v) for v in batch["crop_box"][i])
       image = np.asarray(batch["image"][i, top:bottom, left:right])
-      label = predict_label(model, variables, image, batch["labels"][i] > 0, config)
+      tags = batch["labels"][i] > 0 if config.eval.gate_by_tags else None
+      label = predict_label(model, variables, image, config, tags, config.eval.crf)
       total = metrics.accumulate(total, metrics.confusion_matrix(
           label, batch["mask"][i, top:bottom, left:right], num_labels))
       num_images += 1

@@ -53,6 +53,9 @@ def get_config(arg=None):
 
   # ---------------------------------------------------------------------------- model
   config.model = ml_collections.ConfigDict()
+  # rsepm: the single-stage network (train, eval, export, predict) | deeplabv3plus | deeplabv2:
+  # the multi-stage segmentation networks (spec 9; eval, export and predict of official weights)
+  config.model.arch = "rsepm"
   config.model.backbone = "tiny"  # resnet50 | resnet101 | tiny (1 block per stage)
   config.model.backbone_width = 8  # tiny only: stem width (C5 has 32x this many channels)
   # 16 (spec 1.1) or 8. The demo's 96 px crops give a 6x6 CAM at 16; at 8 the tiny backbone's
@@ -187,11 +190,18 @@ def get_config(arg=None):
   config.eval.protocol = "single"  # --mode=eval: "single" (one scale, CAM + decoder) | "paper" (spec 8.1)
   config.eval.gate_by_tags = False  # "paper": classes from the GT tags instead of inference.conf_th
   config.eval.crf = True  # "paper": dense CRF on the image and the seeds before the argmax
+  # "paper": also score the MS + flip seeds (no CRF) with a constant background swept over
+  # cam_threshold_min..max, gated by the GT tags: the paper's seed quality on train (spec 8.2)
+  config.eval.seed_sweep = False
 
   # ---------------------------------------------------------------------------- export
   config.export = ml_collections.ConfigDict()
   config.export.split = "train"  # --mode=export writes pseudo labels of this split
   config.export.bg_threshold = 0.45  # constant background score before the argmax (spec 8.1)
+  # "single": one scale, constant bg_threshold | "paper": MS + flip, GT tags, background of
+  # config.inference, dense CRF if export.crf (spec 8.1; resumable: written PNGs are kept)
+  config.export.protocol = "single"
+  config.export.crf = True  # "paper": dense CRF before the argmax
 
   # ---------------------------------------------------------------------------- inference
   config.inference = ml_collections.ConfigDict()
@@ -201,6 +211,7 @@ def get_config(arg=None):
   config.inference.background = "power"  # "power": (1 - max seed)^bg_gamma | "constant": bg_threshold
   config.inference.bg_gamma = 2.0  # background exponent of "power" (the official CRF input)
   config.inference.bg_threshold = 0.45  # background score of "constant" (official non-CRF mode)
+  config.inference.stage2_class_th = 0.05  # deeplab*: keep classes whose max probability >= this
   # Pad views to multiples of this so nearby sizes share a compilation (border outputs and ASPP
   # pooling then see the padding); 0: exact sizes, as the official code.
   config.inference.size_bucket = 0
