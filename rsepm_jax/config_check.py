@@ -26,6 +26,8 @@ from rsepm_jax.configs import demo
 from rsepm_jax.data import sources
 from rsepm_jax.data import synthetic
 from rsepm_jax.data import transforms
+from rsepm_jax.models import networks
+from rsepm_jax.models import resnet
 from rsepm_jax.models import rsepm
 
 MODEL, SCHEDULE, SAFE = "model", "schedule", "safe"
@@ -128,7 +130,8 @@ def _range_problems(config, reads_data=True):
       ("data.read_threads", c.data.read_threads >= 1, ">= 1"),
       ("data.prefetch_buffer_size", c.data.prefetch_buffer_size >= 0, ">= 0"),
       ("data.device_prefetch", c.data.device_prefetch >= 1, ">= 1"),
-      ("model.backbone", c.model.backbone in rsepm.BACKBONES, f"one of {rsepm.BACKBONES}"),
+      ("model.arch", c.model.arch in networks.ARCHS, f"one of {networks.ARCHS}"),
+      ("model.backbone", c.model.backbone in resnet.BACKBONES, f"one of {resnet.BACKBONES}"),
       ("model.backbone_width", c.model.backbone_width >= 1, ">= 1"),
       ("model.output_stride", c.model.output_stride in (8, 16), "8 or 16"),
       ("model.last_stride", c.model.last_stride in (1, 2), "1 or 2"),
@@ -201,7 +204,7 @@ def _constructor_problems(config):
       ("mix", lambda: train_step.mix_settings(config)),
       ("train.mix_gating", lambda: train_step.resolve_mix_gating(config.train.mix_gating)),
       ("train.bn_stats", lambda: train_step.resolve_bn_stats(config.train.bn_stats)),
-      ("model.dtype", lambda: state_lib.build_model(config)),
+      ("model", lambda: state_lib.build_model(config)),  # arch and dtype
       ("data", lambda: transforms.train_transforms(config.data)),
   ]
   if config.data.name == "synthetic":
@@ -239,6 +242,25 @@ def validate(config, reads_data=True):
   if problems:
     raise ConfigError(f"Invalid config ({len(problems)} problem{'s' * (len(problems) > 1)}):\n  "
                       + "\n  ".join(problems))
+
+
+def check_mode(config, mode):
+  """Raises `ConfigError` (one line) when `--mode=mode` cannot run `config.model.arch`.
+
+  The multi-stage networks (deeplabv3plus, deeplabv2) are not trained here yet, and their
+  evaluation and export need the "paper" protocol: the "single" one reads RS+EPM's CAMs.
+  """
+  arch = config.model.arch
+  if arch == "rsepm" or arch not in networks.ARCHS:  # `validate` names an unknown arch
+    return
+  if mode == "train":
+    raise ConfigError(
+        f"--mode=train trains config.model.arch='rsepm' only, not {arch!r}: training the "
+        "multi-stage segmentation networks comes with the multi-stage pipeline (issue 12).")
+  if mode in ("eval", "export") and config[mode].protocol == "single":
+    raise ConfigError(
+        f"--mode={mode} of config.model.arch={arch!r} needs --config.{mode}.protocol=paper: the "
+        "'single' protocol uses the CAMs of the RS+EPM network, which this network lacks.")
 
 
 # ------------------------------------------------------------------------------- checkpoints

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from rsepm_jax import parallel
 from rsepm_jax.models import convert
-from rsepm_jax.models import rsepm
+from rsepm_jax.models import networks
 
 def prng_key(seed):
   """The run's root PRNG key.
@@ -23,8 +23,9 @@ def prng_key(seed):
 
 
 def build_model(config, bn_axis_name=None):
-  """`RSEPMNet` from `config.model` and `config.data.num_classes` (`rsepm.from_config`)."""
-  return rsepm.from_config(config, bn_axis_name)
+  """The network of `config.model.arch` from `config.model` and `config.data.num_classes`
+  (`networks.from_config`)."""
+  return networks.from_config(config, bn_axis_name)
 
 
 def backbone_depth(backbone):

@@ -129,6 +129,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_co
   """
   # ------------------------------------------------------------------ workdir and mesh
   config_check.validate(config)
+  config_check.check_mode(config, "train")
   prepare_workdir(workdir)
   metric_writer.log_to_file(workdir)
   mesh = parallel.make_mesh()
@@ -265,7 +266,7 @@ def restore_for_inference(config, workdir, mesh, step=None, allow_config_change=
 
   Network changes since the checkpoint are refused unless `allow_config_change` (`config_check`).
   A workdir without checkpoints and `config.model.init_from` set gives that file's whole model
-  (an official RS+EPM checkpoint, `convert.load_official`) as step 0.
+  (an official checkpoint of `config.model.arch`, `convert.load_official`) as step 0.
   """
   config_check.validate(config, reads_data)
   parallel.wait_for_all_processes("inference_manager")  # orbax's first sync is a collective
@@ -294,6 +295,7 @@ def restore_for_inference(config, workdir, mesh, step=None, allow_config_change=
 @records.logs_bad_files
 def evaluate_checkpoint(config, workdir, step=None, allow_config_change=False):
   """`--mode=eval`: scores a saved checkpoint (the latest by default) without training."""
+  config_check.check_mode(config, "eval")
   mesh = parallel.make_mesh()
   model, variables, step = restore_for_inference(config, workdir, mesh, step, allow_config_change)
   preflight.check_splits(config.data, evaluated=(config.data.eval_split,))

@@ -37,43 +37,57 @@ BN_LEAVES = {"weight": ("params", "scale"), "bias": ("params", "bias"),
              "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
 
 
+class FakeStateDict(dict):
+  """A PyTorch-style state dict of random float32 tensors, filled by its methods."""
+
+  def __init__(self, seed):
+    super().__init__()
+    self.rng = np.random.default_rng(seed)
+
+  def conv(self, key, shape):
+    """Conv weight `key` (OIHW `shape`), He-scaled."""
+    fan_in = shape[1] * shape[2] * shape[3]
+    self[key] = self.rng.standard_normal(shape, np.float32) * np.float32(np.sqrt(2 / fan_in))
+
+  def bn(self, key, channels):
+    """The five tensors of BatchNorm2d module `key`, num_batches_tracked included."""
+    self[f"{key}.weight"] = self.rng.uniform(0.5, 1.5, channels).astype(np.float32)
+    self[f"{key}.bias"] = self.rng.normal(0, 0.1, channels).astype(np.float32)
+    self[f"{key}.running_mean"] = self.rng.normal(0, 0.1, channels).astype(np.float32)
+    self[f"{key}.running_var"] = self.rng.uniform(0.5, 1.5, channels).astype(np.float32)
+    self[f"{key}.num_batches_tracked"] = np.array(1000, np.int64)
+
+  def torchvision_resnet(self, depth, prefix="model."):
+    """torchvision's ResNet-`depth` without `fc`, keys under `prefix` (its naming rules: stem
+    `conv1`/`bn1`, `layer{s}.{b}.conv{1,2,3}`/`bn{1,2,3}`, `downsample.0`/`.1` in each first
+    block)."""
+    self.conv(f"{prefix}conv1.weight", (64, 3, 7, 7))
+    self.bn(f"{prefix}bn1", 64)
+    in_channels = 64
+    for stage, num_blocks in enumerate(RESNET_STAGES[depth]):
+      width = 64 * 2**stage
+      for block in range(num_blocks):
+        name = f"{prefix}layer{stage + 1}.{block}"
+        for i, (out_channels, size) in enumerate(((width, 1), (width, 3), (4 * width, 1)), 1):
+          inputs = in_channels if i == 1 else width
+          self.conv(f"{name}.conv{i}.weight", (out_channels, inputs, size, size))
+          self.bn(f"{name}.bn{i}", out_channels)
+        if block == 0:
+          self.conv(f"{name}.downsample.0.weight", (4 * width, in_channels, 1, 1))
+          self.bn(f"{name}.downsample.1", 4 * width)
+        in_channels = 4 * width
+
+
 def official_state_dict(num_classes=20, depth=50, seed=0):
   """Random tensors under the official RSEPM keys and shapes (docs: official_checkpoints.md)."""
-  rng = np.random.default_rng(seed)
-  state_dict = {}
-
-  def conv(key, shape):
-    fan_in = shape[1] * shape[2] * shape[3]
-    state_dict[key] = rng.normal(0, np.sqrt(2 / fan_in), shape).astype(np.float32)
-
-  def bn(key, channels):
-    state_dict[f"{key}.weight"] = rng.uniform(0.5, 1.5, channels).astype(np.float32)
-    state_dict[f"{key}.bias"] = rng.normal(0, 0.1, channels).astype(np.float32)
-    state_dict[f"{key}.running_mean"] = rng.normal(0, 0.1, channels).astype(np.float32)
-    state_dict[f"{key}.running_var"] = rng.uniform(0.5, 1.5, channels).astype(np.float32)
-    state_dict[f"{key}.num_batches_tracked"] = np.array(1000, np.int64)
-
-  conv("model.conv1.weight", (64, 3, 7, 7))
-  bn("model.bn1", 64)
-  in_channels = 64
-  for stage, num_blocks in enumerate(RESNET_STAGES[depth]):
-    width = 64 * 2**stage
-    for block in range(num_blocks):
-      prefix = f"model.layer{stage + 1}.{block}"
-      for i, (out_channels, size) in enumerate(((width, 1), (width, 3), (4 * width, 1)), 1):
-        inputs = in_channels if i == 1 else width
-        conv(f"{prefix}.conv{i}.weight", (out_channels, inputs, size, size))
-        bn(f"{prefix}.bn{i}", out_channels)
-      if block == 0:
-        conv(f"{prefix}.downsample.0.weight", (4 * width, in_channels, 1, 1))
-        bn(f"{prefix}.downsample.1", 4 * width)
-      in_channels = 4 * width
-  conv("classifier.weight", (num_classes, 2048, 1, 1))
+  state_dict = FakeStateDict(seed)
+  state_dict.torchvision_resnet(depth)
+  state_dict.conv("classifier.weight", (num_classes, 2048, 1, 1))
   for module, (_, in_channels, size) in CONV_BN_BLOCKS.items():
-    conv(f"{module}.conv.weight", (256, in_channels, size, size))
-    bn(f"{module}.bn", 256)
-  conv("decoder.classifier.4.weight", (num_classes + 1, 256, 3, 3))
-  return state_dict
+    state_dict.conv(f"{module}.conv.weight", (256, in_channels, size, size))
+    state_dict.bn(f"{module}.bn", 256)
+  state_dict.conv("decoder.classifier.4.weight", (num_classes + 1, 256, 3, 3))
+  return dict(state_dict)
 
 
 def rsepm_config(**model):
@@ -148,7 +162,7 @@ def test_every_official_tensor_lands_in_its_place(official, converted):
   assert used == given
 
 
-def _conv(x, kernel_oihw, dilation=1):
+def reference_conv(x, kernel_oihw, dilation=1):
   """Stride-1 conv padded by dilation * (k // 2): x [H, W, I] float64, PyTorch kernel
   [O, I, k, k] -> [H, W, O]."""
   size = kernel_oihw.shape[-1]
@@ -180,11 +194,11 @@ def _official_heads(sd, c5, c2):
   sd = {k: np.asarray(v, np.float64) for k, v in sd.items()}
 
   def conv_bn_relu(module, x, dilation=1):
-    x = _conv(x, sd[f"{module}.conv.weight"], dilation)
+    x = reference_conv(x, sd[f"{module}.conv.weight"], dilation)
     scale = sd[f"{module}.bn.weight"] / np.sqrt(sd[f"{module}.bn.running_var"] + 1e-5)
     return np.maximum((x - sd[f"{module}.bn.running_mean"]) * scale + sd[f"{module}.bn.bias"], 0)
 
-  cams = _conv(c5, sd["classifier.weight"])
+  cams = reference_conv(c5, sd["classifier.weight"])
   branches = [conv_bn_relu("aspp.aspp1", c5)]
   branches += [conv_bn_relu(f"aspp.aspp{i}", c5, d) for i, d in ((2, 6), (3, 12), (4, 18))]
   pooled = conv_bn_relu("aspp.global_avg_pool.1", c5.mean(axis=(0, 1), keepdims=True))
@@ -193,7 +207,7 @@ def _official_heads(sd, c5, c2):
   x = np.concatenate([_bilinear_half_pixel(aspp, c2.shape[:2]),
                       conv_bn_relu("decoder.low_block", c2)], -1)
   x = conv_bn_relu("decoder.classifier.2", conv_bn_relu("decoder.classifier.0", x))
-  return cams, _conv(x, sd["decoder.classifier.4.weight"])
+  return cams, reference_conv(x, sd["decoder.classifier.4.weight"])
 
 
 def test_converted_heads_match_the_official_forward(official, converted):

@@ -1,5 +1,6 @@
 """ImageNet ResNet weights from torchvision / timm checkpoints into `resnet.ResNet` (spec 1.1),
-and official RS+EPM checkpoints into the whole `rsepm.RSEPMNet` (`from_official`).
+and official RS+EPM checkpoints into the whole network of `config.model.arch` (`from_official`):
+the single-stage `RSEPMNet` or the multi-stage DeepLabv3+ / DeepLabv2 (spec 9).
 
 RS+EPM starts from torchvision's `resnet50-19c8e357.pth` / `resnet101-5d3b4d8f.pth`, loaded
 with `strict=False` so that `fc` is dropped. Here missing keys and shape mismatches are errors
@@ -8,7 +9,7 @@ reported. `.pth` files need PyTorch (`pip install .[torch]`); convert them once 
 installed and use the result anywhere.
 
 Command line (DST `.npz`: flattened variables, "params/layer1_0/conv1/kernel"; DST
-`.safetensors`: the torchvision keys without `fc`; an official RS+EPM checkpoint keeps its keys):
+`.safetensors`: the torchvision keys without `fc`; an official checkpoint keeps its keys):
 
   python -m rsepm_jax.models.convert resnet50.pth resnet50.safetensors --depth 50
   python -m rsepm_jax.models.convert rsepm_r50.pth rsepm_r50.safetensors
@@ -27,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
+from rsepm_jax.models import networks
 from rsepm_jax.models import resnet
-from rsepm_jax.models import rsepm
 
 
 # (collection, Flax leaf) -> torchvision leaf.
@@ -166,8 +167,8 @@ def from_torchvision(state_dict, depth, where="torchvision state dict"):
   return traverse_util.unflatten_dict(flat)
 
 
-# Official RS+EPM module names (`core/networks.py::RSEPM`, `core/layers.py`) by our Flax ones;
-# the backbone is torchvision's under `model.`.
+# Official module names (`core/networks.py::RSEPM`, `DeepLabv3_Plus`, `DeepLabv2`,
+# `core/layers.py`) by our Flax ones; the backbone is torchvision's under `model.`.
 _OFFICIAL_MODULES = {
     "classifier": "classifier",
     "aspp/branch_1x1": "aspp.aspp1",
@@ -178,50 +179,92 @@ _OFFICIAL_MODULES = {
     "decoder/conv2": "decoder.classifier.2",
     "decoder/classifier": "decoder.classifier.4",
 }
-_ASPP_3X3 = re.compile(r"^aspp/branch_3x3_(\d+)$")  # dilated branch i is official `aspp{i + 2}`
+# Numbered ASPP branches: (our name, official number of branch 0). DeepLabv3's dilated branch i
+# is `aspp.aspp{i + 2}` (`aspp1` is the 1x1 one); DeepLabv2's branch i is `aspp.aspp{i + 1}`.
+_ASPP_BRANCHES = ((re.compile(r"^aspp/branch_3x3_(\d+)$"), 2),
+                  (re.compile(r"^aspp/branch_(\d+)$"), 1))
 _OFFICIAL_HEADS = ("classifier.", "aspp.", "decoder.")  # keys a backbone-only checkpoint lacks
-# Config keys read off an official checkpoint (output channels of these tensors) for errors.
-_OFFICIAL_SIZES = (("data.num_classes", "classifier.weight"),
-                   ("model.decoder_channels", "aspp.aspp1.conv.weight"),
-                   ("model.low_level_channels", "decoder.low_block.conv.weight"))
+# Config keys read off an official checkpoint for errors: (key, tensor, its output channels less
+# this many; the stage-2 logits count the background).
+_OFFICIAL_SIZES = (("data.num_classes", "classifier.weight", 0),
+                   ("data.num_classes", "decoder.classifier.4.weight", 1),
+                   ("data.num_classes", "aspp.aspp1.weight", 1),
+                   ("model.decoder_channels", "aspp.aspp1.conv.weight", 0),
+                   ("model.low_level_channels", "decoder.low_block.conv.weight", 0))
+# The config keys that shape each network's official tensors, for errors.
+_SHAPING_KEYS = {
+    "rsepm": "config.model.backbone, config.data.num_classes, config.model.decoder_channels / "
+             "low_level_channels and config.model.with_decoder",
+    "deeplabv3plus": "config.model.backbone, config.data.num_classes and "
+                     "config.model.decoder_channels / low_level_channels",
+    "deeplabv2": "config.model.backbone and config.data.num_classes",
+}
 
 
 def is_official(keys):
-  """Whether checkpoint `keys` hold a whole official RS+EPM model (heads included), not only an
+  """Whether checkpoint `keys` hold a whole official model (heads included), not only an
   ImageNet backbone."""
   return any(key.startswith(_OFFICIAL_HEADS) for key in keys)
 
 
+def official_arch(keys):
+  """The `config.model.arch` of an official checkpoint with `keys`, None for a backbone-only one.
+
+  A CAM `classifier` is RS+EPM's, bare `aspp.aspp1.weight` (no conv + BN) DeepLabv2's, other
+  heads DeepLabv3+'s (docs: official_checkpoints.md).
+  """
+  keys = set(keys)
+  if any(key.startswith("classifier.") for key in keys):
+    return "rsepm"
+  if "aspp.aspp1.weight" in keys:
+    return "deeplabv2"
+  return "deeplabv3plus" if is_official(keys) else None
+
+
+def _official_module(name):
+  """Official module of our head module `name` ("aspp/branch_3x3_1" -> "aspp.aspp3"), or None."""
+  for pattern, first in _ASPP_BRANCHES:
+    match = pattern.match(name)
+    if match:
+      return f"aspp.aspp{int(match.group(1)) + first}"
+  return _OFFICIAL_MODULES.get(name)
+
+
 def official_key(collection, path):
-  """Flax variable path of `RSEPMNet` -> official RS+EPM key.
+  """Flax variable path of a `networks.from_config` network -> official key.
 
   `("params", ("aspp", "branch_3x3_1", "conv", "kernel"))` -> "aspp.aspp3.conv.weight";
+  `("params", ("aspp", "branch_0", "bias"))` (DeepLabv2) -> "aspp.aspp1.bias";
   `("params", ("backbone", "layer1_0", "conv1", "kernel"))` -> "model.layer1.0.conv1.weight".
   """
   if path[0] == "backbone":
     return "model." + torchvision_key(collection, path[1:])
   *modules, leaf = path
   for depth in range(len(modules), 0, -1):
-    name = "/".join(modules[:depth])
-    match = _ASPP_3X3.match(name)
-    official = f"aspp.aspp{int(match.group(1)) + 2}" if match else _OFFICIAL_MODULES.get(name)
+    official = _official_module("/".join(modules[:depth]))
     if official is not None:
       return ".".join([official, *modules[depth:], _LEAF_NAMES[(collection, leaf)]])
-  raise ValueError(f"No official RS+EPM name for the variable {collection}/{'/'.join(path)}.")
+  raise ValueError(f"No official name for the variable {collection}/{'/'.join(path)}.")
 
 
 def _from_official_layout(state_dict, template, where):
-  """Official RS+EPM state dict -> variables shaped like `template` (arrays or
-  `jax.ShapeDtypeStruct`s of `RSEPMNet` variables), float32 numpy.
+  """Official state dict -> variables shaped like `template` (arrays or `jax.ShapeDtypeStruct`s
+  of the variables of a `networks.from_config` network), float32 numpy.
 
-  Every key and shape is checked: missing or unexpected keys and shape mismatches raise one
-  WeightsError naming them; `num_batches_tracked` is ignored.
+  A checkpoint of another network is named as such. Every key and shape is checked: missing or
+  unexpected keys and shape mismatches raise one WeightsError naming them;
+  `num_batches_tracked` is ignored.
   """
   expected = {}
   for collection in ("params", "batch_stats"):
     for path, leaf in traverse_util.flatten_dict(template[collection]).items():
       expected[official_key(collection, path)] = (
           collection, path, _to_torch_layout(collection, path, leaf.shape))
+  arch, found = official_arch(expected), official_arch(state_dict)
+  if found not in (None, arch):
+    raise WeightsError(
+        f"{where}: this looks like an official {networks.ARCH_NAMES[found]} checkpoint "
+        f"(config.model.arch={arch!r}); set --config.model.arch={found}.")
   depth = {sizes: depth for depth, sizes in resnet.STAGE_SIZES.items()}.get(stage_sizes(expected))
   if depth:  # a ResNet-101 checkpoint for a ResNet-50 is named as such
     check_depth([key for key in state_dict if key.startswith("model.")], depth, where)
@@ -234,12 +277,14 @@ def _from_official_layout(state_dict, template, where):
     problems = [f"{len(names)} {what}: {_listed(names)}"
                 for what, names in (("missing keys", missing), ("unexpected keys", unexpected),
                                     ("shape mismatches", wrong_shape)) if names]
-    built = ", ".join(f"{name}={np.shape(state_dict[key])[0]}"
-                      for name, key in _OFFICIAL_SIZES if key in state_dict)
+    sizes = {}
+    for name, key, background in _OFFICIAL_SIZES:
+      if key in state_dict:
+        sizes.setdefault(name, np.shape(state_dict[key])[0] - background)
+    built = ", ".join(f"{name}={size}" for name, size in sizes.items())
     raise WeightsError(
-        f"{where} does not fit the configured RS+EPM model ({'; '.join(problems)}). Check "
-        "config.model.backbone, config.data.num_classes, config.model.decoder_channels / "
-        "low_level_channels and config.model.with_decoder against the checkpoint"
+        f"{where} does not fit the configured {networks.ARCH_NAMES[arch]} model "
+        f"({'; '.join(problems)}). Check {_SHAPING_KEYS[arch]} against the checkpoint"
         f"{f' (it has {built})' if built else ''}.")
   flat = {}
   for key, (collection, path, _) in expected.items():
@@ -250,16 +295,16 @@ def _from_official_layout(state_dict, template, where):
   return traverse_util.unflatten_dict(flat)
 
 
-def from_official(state_dict, config, where="official RS+EPM state dict"):
-  """Official single-stage RS+EPM state dict {key: np.ndarray} -> variables of
-  `state.build_model(config)` ({"params", "batch_stats"}, float32 numpy); `where` (e.g. the
+def from_official(state_dict, config, where="official state dict"):
+  """Official state dict {key: np.ndarray} of the network of `config.model.arch` -> variables of
+  `networks.from_config(config)` ({"params", "batch_stats"}, float32 numpy); `where` (e.g. the
   file) starts the error messages.
 
-  Keys: the torchvision backbone under `model.`, `classifier`, `aspp`, `decoder`
-  (docs: official_checkpoints.md). Conv kernels OIHW -> HWIO.
+  Keys (docs: official_checkpoints.md): the torchvision backbone under `model.`, then RS+EPM:
+  `classifier`, `aspp`, `decoder`; DeepLabv3+: `aspp`, `decoder`; DeepLabv2:
+  `aspp.aspp{1..4}.weight/bias`. Conv kernels OIHW -> HWIO.
   """
-  # Imported here: rsepm_jax.state imports this module.
-  model = rsepm.from_config(config)
+  model = networks.from_config(config)
   size = config.data.crop_size
   template = jax.eval_shape(model.init, jax.random.key(0),
                             jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
@@ -358,16 +403,17 @@ def load_backbone_variables(path, depth, arrays=None):
 
 
 def load_into(variables, path, depth):
-  """Copy of RSEPMNet `variables` with `params/backbone` and `batch_stats/backbone` from `path`.
+  """Copy of network `variables` with `params/backbone` and `batch_stats/backbone` from `path`.
 
-  The classifier, ASPP and decoder are left as they are, unless `path` is an official RS+EPM
+  The heads (classifier, ASPP, decoder) are left as they are, unless `path` is an official
   checkpoint (`is_official`): then every variable comes from it. Raises WeightsError when the
   weights do not fit the model (e.g. a depth mismatch).
   """
   arrays = load_state_dict(path)
   loaded = {collection: dict(tree) for collection, tree in variables.items()}
   if is_official(arrays):
-    logging.info("%s is an official RS+EPM checkpoint: loading the whole model.", path)
+    logging.info("%s is an official %s checkpoint: loading the whole model.", path,
+                 networks.ARCH_NAMES[official_arch(arrays)])
     official = _from_official_layout(arrays, variables, str(path))
     for collection in ("params", "batch_stats"):
       loaded[collection] = jax.tree.map(lambda new, old: np.asarray(new, old.dtype),
@@ -397,15 +443,16 @@ def _write_arrays(dst, arrays):
 def convert_file(src, dst, depth=50):
   """Converts the torchvision checkpoint `src` to `dst`: an `.npz` of flattened variables, or a
   `.safetensors` of the torchvision keys the model uses (no PyTorch needed to read either).
-  An official RS+EPM checkpoint keeps its own keys, `num_batches_tracked` dropped (its keys and
-  shapes are checked when it is loaded)."""
+  An official checkpoint (any of `networks.ARCHS`) keeps its own keys, `num_batches_tracked`
+  dropped (its keys and shapes are checked when it is loaded)."""
   state_dict = load_state_dict(src)
   dst = epath.Path(dst)
   if is_official(state_dict):
     arrays = {key: np.asarray(value) for key, value in state_dict.items()
               if not key.endswith("num_batches_tracked")}
     _write_arrays(dst, arrays)
-    print(f"Wrote the {len(arrays)} tensors of an official RS+EPM checkpoint to {dst} "
+    print(f"Wrote the {len(arrays)} tensors of an official "
+          f"{networks.ARCH_NAMES[official_arch(arrays)]} checkpoint to {dst} "
           "(for config.model.init_from)")
     return
   variables = from_torchvision(state_dict, depth, str(src))  # raises on a missing key or depth

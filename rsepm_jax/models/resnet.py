@@ -17,6 +17,7 @@ import jax.numpy as jnp
 pytorch_conv_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 STAGE_SIZES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+BACKBONES = ("resnet50", "resnet101", "tiny")  # config.model.backbone
 EXPANSION = 4  # Bottleneck output channels = EXPANSION * width of its 3x3 conv.
 
 
@@ -91,8 +92,10 @@ def cpu_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=
   return _conv_dot_kernel_grad(lhs, rhs, tuple(window_strides), padding, dilation)
 
 
-def conv2d(features, kernel_size, *, stride=1, dilation=1, dtype=jnp.float32, name=None):
-  """Bias-free square conv with PyTorch padding `dilation * (kernel_size // 2)` and init."""
+def conv2d(features, kernel_size, *, stride=1, dilation=1, use_bias=False, dtype=jnp.float32,
+           name=None):
+  """Square conv with PyTorch padding `dilation * (kernel_size // 2)` and kernel init; bias-free
+  unless `use_bias` (the bias starts at 0)."""
   pad = dilation * (kernel_size // 2)
   return nn.Conv(
       features,
@@ -100,7 +103,7 @@ def conv2d(features, kernel_size, *, stride=1, dilation=1, dtype=jnp.float32, na
       strides=stride,
       padding=((pad, pad), (pad, pad)),
       kernel_dilation=dilation,
-      use_bias=False,
+      use_bias=use_bias,
       dtype=dtype,
       param_dtype=jnp.float32,
       kernel_init=pytorch_conv_init,
@@ -218,3 +221,15 @@ def resnet(depth, output_stride=16, last_stride=1, **kwargs):
 def tiny_resnet(width=8, **kwargs):
   """One block per stage and a narrow stem, for tests and the demo."""
   return ResNet(stage_sizes=(1, 1, 1, 1), width=width, **kwargs)
+
+
+def backbone(kind, tiny_width=8, **kwargs):
+  """The `ResNet` of `config.model.backbone` (one of BACKBONES); `tiny_width` is the stem width of
+  "tiny" only; `kwargs` go to `ResNet` (output_stride, last_stride, dtype, bn_axis_name, name)."""
+  if kind == "resnet50":
+    return resnet(50, **kwargs)
+  if kind == "resnet101":
+    return resnet(101, **kwargs)
+  if kind == "tiny":
+    return tiny_resnet(width=tiny_width, **kwargs)
+  raise ValueError(f"Unknown backbone {kind!r}; choose one of {BACKBONES}.")

@@ -4,11 +4,8 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from rsepm_jax.models import decoder
+from rsepm_jax.models import deeplab
 from rsepm_jax.models import resnet
-
-BACKBONES = ("resnet50", "resnet101", "tiny")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config.model.dtype
 
 
 def cam_stride(output_stride, last_stride):
@@ -39,7 +36,7 @@ class RSEPMNet(nn.Module):
   RecurSeed re-runs the decoder head without dropout this way.
   """
   num_classes: int
-  backbone: str = "resnet50"  # one of BACKBONES
+  backbone: str = "resnet50"  # one of resnet.BACKBONES
   backbone_width: int = 8  # stem width of the "tiny" backbone only
   output_stride: int = 16
   last_stride: int = 1
@@ -52,57 +49,16 @@ class RSEPMNet(nn.Module):
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
 
-  def _backbone_module(self):
-    common = dict(output_stride=self.output_stride, last_stride=self.last_stride,
-                  dtype=self.dtype, bn_axis_name=self.bn_axis_name, name="backbone")
-    if self.backbone == "resnet50":
-      return resnet.resnet(50, **common)
-    if self.backbone == "resnet101":
-      return resnet.resnet(101, **common)
-    if self.backbone == "tiny":
-      return resnet.tiny_resnet(width=self.backbone_width, **common)
-    raise ValueError(f"Unknown backbone {self.backbone!r}; choose one of {BACKBONES}.")
-
   @nn.compact
   def __call__(self, images, train=False, dropout=True, features=None):
     if features is None:
-      features = self._backbone_module()(images, train)
+      features = resnet.backbone(
+          self.backbone, self.backbone_width, output_stride=self.output_stride,
+          last_stride=self.last_stride, dtype=self.dtype, bn_axis_name=self.bn_axis_name,
+          name="backbone")(images, train)
     cams = resnet.conv2d(self.num_classes, 1, dtype=self.dtype, name="classifier")(
         features["C5"]).astype(jnp.float32)
     outputs = {"cams": cams, "cls_logits": jnp.mean(cams, axis=(1, 2)), "features": features}
     if self.with_decoder:
-      dilations = self.aspp_dilations
-      if dilations is None:
-        dilations = (6, 12, 18) if self.output_stride == 16 else (12, 24, 36)
-      aspp_features = decoder.ASPP(self.decoder_channels, dilations, self.aspp_dropout,
-                                   dtype=self.dtype,
-                                   bn_axis_name=self.bn_axis_name, name="aspp")(
-                                       features["C5"], train, dropout)
-      seg_logits = decoder.DeepLabV3PlusDecoder(
-          self.num_classes, self.decoder_channels, self.low_level_channels,
-          tuple(self.decoder_dropout), dtype=self.dtype, bn_axis_name=self.bn_axis_name, name="decoder")(
-              aspp_features, features["C2"], train, dropout)
-      outputs["seg_logits"] = seg_logits.astype(jnp.float32)
+      outputs["seg_logits"] = deeplab.v3plus_head(self, features, train, dropout)
     return outputs
-
-
-def from_config(config, bn_axis_name=None):
-  """`RSEPMNet` from `config.model` and `config.data.num_classes`; BatchNorm statistics are
-  averaged over the mesh axis `bn_axis_name` when given."""
-  model_config = config.model
-  if model_config.dtype not in DTYPES:
-    raise ValueError(f"config.model.dtype={model_config.dtype!r}; expected one of {sorted(DTYPES)}.")
-  return RSEPMNet(
-      num_classes=config.data.num_classes,
-      backbone=model_config.backbone,
-      backbone_width=model_config.backbone_width,
-      output_stride=model_config.output_stride,
-      last_stride=model_config.last_stride,
-      with_decoder=model_config.with_decoder,
-      decoder_channels=model_config.decoder_channels,
-      low_level_channels=model_config.low_level_channels,
-      aspp_dilations=tuple(model_config.aspp_dilations) or None,
-      aspp_dropout=model_config.aspp_dropout,
-      decoder_dropout=tuple(model_config.decoder_dropout),
-      dtype=DTYPES[model_config.dtype],
-      bn_axis_name=bn_axis_name)
