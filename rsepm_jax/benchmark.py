@@ -19,13 +19,19 @@ Rows (`--rows`, comma-separated; default all but `compare`, which is added when 
               crf is the dense CRF (RS+EPM's parameters, 21 labels) on one image of
               component_size x 3/4 of it (VOC's 500 x 375 at 512), timed against pydensecrf
               where it imports.
+  msflip      `inference.multiscale` (the config's model with its decoder, randomly initialised;
+              config.inference.scales and hflip) on one uint8 image of that 3/4 x component_size.
+  msflip_crf  the whole `paper_eval.predict_label` on that image: multi-scale + flip, 4 random GT
+              tags, background of config.inference, dense CRF (the paper's pseudo labels).
   compare     our JAX train step against a PyTorch train step written here from the spec
               (torchvision ResNet, random init; DeepLabv3+ head; CAM classifier; SCG; PAMR in
               the unfold formulation; SGD), both float32 without mixing, at `--compare_batch` x
               `--compare_size`, on the CPU, timed the same way. Needs torch and a resnet backbone.
 
 Each row is compiled once (compile s = `lower` + `compile`), run once to warm up, then timed
-`--repeats` times: median, 10th-90th percentile and images/s. Memory: the device's
+`--repeats` times: median, 10th-90th percentile and images/s (msflip rows: several jitted calls
+and host code, so the warm-up call, which compiles, is timed instead of `compile`, and there are
+no FLOPs). Memory: the device's
 `memory_stats()["peak_bytes_in_use"]` (n/a where the backend reports none, e.g. CPU; it is the
 process's peak so far, so with `--isolate`, which runs every row in its own process under a
 timeout, it is the row's own) and XLA's estimate for the compiled program (arguments + outputs +
@@ -48,7 +54,9 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from rsepm_jax import inference
 from rsepm_jax import optimizer
+from rsepm_jax import paper_eval
 from rsepm_jax import parallel
 from rsepm_jax import state as state_lib
 from rsepm_jax import train_step
@@ -60,7 +68,8 @@ from rsepm_jax.refine import edge_predict_mix
 from rsepm_jax.refine import pamr
 from rsepm_jax.refine import scg
 
-ALL_ROWS = ("train", "mix", "eval", "pamr", "pamr_torch", "scg", "canny", "epm", "crf", "compare")
+ALL_ROWS = ("train", "mix", "eval", "pamr", "pamr_torch", "scg", "canny", "epm", "crf", "msflip",
+            "msflip_crf", "compare")
 
 # Peak dense (non-sparse) bf16 tensor FLOP/s per device, from the vendors' datasheets (NVIDIA
 # H100/H200 and A100 datasheets, Google Cloud TPU system-architecture pages). First substring
@@ -358,12 +367,18 @@ class Benchmark:
                     f"(edges: {settings.edge_source})", fn,
                     (state_lib.prng_key(0), images, seeds, masks), self.repeats, batch)]
 
-  def row_crf(self):
+  def _voc_sized_image(self, rng):
+    """uint8 `[1, H, W, 3]`, W = component_size, H = 3/4 of it (VOC's 500 x 375 at 512): random
+    colours bilinear from a 16x coarser grid, so that it has regions and edges."""
     width = self.component_size
-    height = width * 3 // 4  # VOC's 500 x 375 at the default 512
-    rng = np.random.default_rng(0)
+    height = width * 3 // 4
     coarse = jnp.asarray(rng.integers(0, 256, (1, height // 16, width // 16, 3)), jnp.float32)
-    image = jax.image.resize(coarse, (1, height, width, 3), "linear").astype(jnp.uint8)
+    return jax.image.resize(coarse, (1, height, width, 3), "linear").astype(jnp.uint8)
+
+  def row_crf(self):
+    rng = np.random.default_rng(0)
+    image = self._voc_sized_image(rng)
+    _, height, width, _ = image.shape
     probs = jax.nn.softmax(jnp.asarray(rng.normal(size=(1, height, width, 21)), jnp.float32), -1)
     row = measure("crf", f"dense CRF 1x{height}x{width}x21, 10 iterations",
                   jax.jit(crf.dense_crf_batch), (image, probs), self.repeats, 1)
@@ -375,6 +390,50 @@ class Benchmark:
       row["note"] = (f"pydensecrf {1e3 * pydensecrf_s:.0f} ms (CPU, 1 thread): "
                      f"{row['median_ms'] / 1e3 / pydensecrf_s:.1f}x its time")
     return [row]
+
+  # --------------------------------------------------------------------------- inference
+
+  def _inference_inputs(self):
+    """(model, evaluation variables, uint8 `[H, W, 3]` image) of the msflip rows."""
+    if not self.config.model.with_decoder:
+      raise NotApplicable("config.model.with_decoder = False")
+    setup = self.train_setup()
+    image = np.asarray(self._voc_sized_image(np.random.default_rng(0))[0])
+    return setup.model, state_lib.eval_variables(setup.state), image
+
+  def _host_row(self, key, name, call):
+    """Row of `call()`, host code around several jitted calls: the first call (which compiles)
+    is timed in the note, then `repeats` calls."""
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    first_s = time.perf_counter() - start
+    runs = timed_runs(call, self.repeats, warm_up=False)
+    return make_row(key, name, 1, runs, note=f"first call (compiles) {first_s:.1f} s")
+
+  def _views(self):
+    settings = self.config.inference
+    flip = " + flip" if settings.hflip else ""
+    return f"scales {tuple(settings.scales)}{flip}"
+
+  def row_msflip(self):
+    model, variables, image = self._inference_inputs()
+    settings = self.config.inference
+    height, width, _ = image.shape
+    return [self._host_row(
+        "msflip", f"multi-scale inference 1x{height}x{width}, {self._views()}",
+        lambda: inference.multiscale(model, variables, image, tuple(settings.scales),
+                                     settings.hflip, settings.size_bucket))]
+
+  def row_msflip_crf(self):
+    model, variables, image = self._inference_inputs()
+    num_classes = self.config.data.num_classes
+    tags = np.zeros(num_classes, bool)
+    tags[np.random.default_rng(0).choice(num_classes, min(4, num_classes), replace=False)] = True
+    height, width, _ = image.shape
+    return [self._host_row(
+        "msflip_crf", f"predict_label 1x{height}x{width}, {self._views()}, {tags.sum()} tags, "
+        "dense CRF", lambda: paper_eval.predict_label(model, variables, image, self.config,
+                                                      tags=tags, use_crf=True))]
 
   # --------------------------------------------------------------------------- JAX vs PyTorch
 
@@ -736,7 +795,7 @@ def device_info():
 def default_rows(components_only=False):
   rows = [r for r in ALL_ROWS if r != "compare"]
   if components_only:
-    rows = [r for r in rows if r not in ("train", "mix", "eval")]
+    rows = [r for r in rows if r not in ("train", "mix", "eval", "msflip", "msflip_crf")]
   try:
     import torch  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
@@ -867,7 +926,8 @@ if __name__ == "__main__":
   _ROWS = flags.DEFINE_list("rows", [], f"Rows to run, in this order, from {ALL_ROWS}; empty: all "
                             "but compare, plus compare when torch imports.")
   _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed runs per row (after one warm-up run).")
-  _COMPONENTS_ONLY = flags.DEFINE_bool("components_only", False, "Skip the train/mix/eval rows.")
+  _COMPONENTS_ONLY = flags.DEFINE_bool("components_only", False,
+                                       "Skip the train/mix/eval/msflip rows.")
   _COMPONENT_SIZE = flags.DEFINE_integer("component_size", 512, "Crop size for component rows.")
   _COMPONENT_BATCH = flags.DEFINE_integer("component_batch", 8, "Batch for component rows.")
   _COMPARE_BATCH = flags.DEFINE_integer("compare_batch", 2, "Batch of the JAX/PyTorch comparison.")

@@ -78,14 +78,6 @@ def heat_map(image, cam):
   return np.asarray(visualize.to_uint8(0.5 * image + 127.5 * visualize.jet(cam)))
 
 
-def _save(array, path, palette=None):
-  png = Image.fromarray(array, mode="P" if palette is not None else "RGB")
-  if palette is not None:
-    png.putpalette(palette)
-  with path.open("wb") as f:
-    png.save(f, format="PNG")
-
-
 def _output_names(files):
   """A distinct output name per file: its stem, `_2`, `_3`... appended to repeated stems."""
   names, seen = [], {}
@@ -111,7 +103,6 @@ def predict(config, workdir, inputs, output=None, step=None, allow_config_change
   out_dir = epath.Path(output or epath.Path(workdir) / "predictions")
   out_dir.mkdir(parents=True, exist_ok=True)
   names = evaluate.class_names(config)
-  palette = classes.color_palette().reshape(-1).tolist()
   mine = slice(jax.process_index(), None, jax.process_count())
   files, out_names = files[mine], _output_names(files)[mine]
   progress = metric_writer.CountProgress("predict", len(files))
@@ -131,11 +122,11 @@ def predict(config, workdir, inputs, output=None, step=None, allow_config_change
         scores["pred_mask"], scores["pred_class"], conf_th=settings.conf_th,
         bg_gamma=settings.bg_gamma,
         bg_threshold=settings.bg_threshold if settings.background == "constant" else None)
-    _save(result["label"], out_dir / f"{name}.png", palette)
-    _save(overlay(image, result["label"], names), out_dir / f"{name}_overlay.png")
+    visualize.save_png(result["label"], out_dir / f"{name}.png")
+    visualize.save_png(overlay(image, result["label"], names), out_dir / f"{name}_overlay.png")
     for key in result["keys"]:
-      _save(heat_map(image, scores["cams"][..., key]),
-            out_dir / f"{name}_cam_{names[key + 1].replace(' ', '_')}.png")
+      visualize.save_png(heat_map(image, scores["cams"][..., key]),
+                         out_dir / f"{name}_cam_{names[key + 1].replace(' ', '_')}.png")
     written += 1
     progress.advance(1)
   skipped_note = f"; skipped {len(skipped)} unreadable: {', '.join(skipped)}" if skipped else ""

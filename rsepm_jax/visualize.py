@@ -11,6 +11,7 @@ leave the devices. Tags written (each a strip of `num_images` pictures of the cr
   train/seeds        RecurSeed seeds, VOC palette (ignore = 255 light grey), once RecurSeed is on
   train/mixed        the mixed batch's images ...          } once mixing is on
   train/mixed_seeds  ... and their targets, VOC palette    }
+`save_png` writes a label map or an RGB picture to a PNG file (export and predict).
 """
 import time
 
@@ -18,6 +19,8 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+import numpy as np
+from PIL import Image
 
 from rsepm_jax import evaluate
 from rsepm_jax import image_ops
@@ -35,6 +38,23 @@ def jet(values):
 
 def to_uint8(rgb):
   return jnp.clip(jnp.round(rgb), 0, 255).astype(jnp.uint8)
+
+
+def save_png(array, path):
+  """Writes uint8 labels `[H, W]` (a VOC palette PNG) or an RGB picture `[H, W, 3]` to the
+  `epath.Path` `path`, atomically: to `<path>.tmp` beside it, then renamed over `path`, so that
+  a killed run leaves no truncated `path` (one writer per file)."""
+  array = np.asarray(array)
+  if array.dtype != np.uint8 or not (array.ndim == 2 or array.shape[2:] == (3,)):
+    raise ValueError(f"save_png({path}): expected uint8 [H, W] labels or [H, W, 3] RGB, got "
+                     f"{array.dtype} {list(array.shape)}.")
+  png = Image.fromarray(array)
+  if array.ndim == 2:
+    png.putpalette(classes.color_palette().reshape(-1).tolist())  # 'L' -> 'P', same indices
+  temporary = path.parent / f"{path.name}.tmp"
+  with temporary.open("wb") as f:
+    png.save(f, format="PNG")
+  temporary.replace(path)
 
 
 def colour_labels(labels, size):

@@ -5,7 +5,8 @@ import math
 from rsepm_jax.configs import demo
 from rsepm_jax import benchmark
 
-ROWS = ("train", "mix", "eval", "pamr", "scg", "canny", "epm", "crf")
+ROWS = ("train", "mix", "eval", "pamr", "scg", "canny", "epm", "crf", "msflip", "msflip_crf")
+JITTED = ROWS[:-3]  # one jitted program each: compile time, FLOPs and XLA's memory estimate
 
 
 def _positive(value):
@@ -13,11 +14,13 @@ def _positive(value):
 
 
 def test_run_on_smoke_config(tmp_path):
-  rows = benchmark.run(demo.get_config("smoke"), ROWS, repeats=1, component_size=64,
-                       component_batch=2, out_dir=str(tmp_path))
+  config = demo.get_config("smoke")
+  config.inference.scales = (1.0, 0.5)
+  rows = benchmark.run(config, ROWS, repeats=1, component_size=64, component_batch=2,
+                       out_dir=str(tmp_path))
   assert [row["key"] for row in rows] == list(ROWS)
   by_key = {row["key"]: row for row in rows}
-  for key in ROWS[:-1]:
+  for key in JITTED:
     row = by_key[key]
     assert row["status"] == "ok", row
     for field in ("median_ms", "p10_ms", "p90_ms", "images_per_s", "compile_s", "xla_bytes",
@@ -27,6 +30,14 @@ def test_run_on_smoke_config(tmp_path):
   assert "% of the train step" in by_key["mix"]["note"]
   crf = by_key["crf"]
   assert crf["status"] == "ok", crf
+  for key in ("msflip", "msflip_crf"):  # host loops over jitted calls: timed, no FLOPs
+    row = by_key[key]
+    assert row["status"] == "ok", row
+    assert _positive(row["median_ms"]) and row["compile_s"] is None and row["gflops"] is None
+    assert math.isclose(row["images_per_s"], 1e3 / row["median_ms"])
+    assert row["name"].startswith(("multi-scale inference 1x48x64", "predict_label 1x48x64"))
+    assert "first call (compiles)" in row["note"]
+  assert "scales (1.0, 0.5) + flip, 4 tags, dense CRF" in by_key["msflip_crf"]["name"]
 
   saved = json.loads((tmp_path / "benchmark.json").read_text())
   assert [row["key"] for row in saved["rows"]] == list(ROWS)
