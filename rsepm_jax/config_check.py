@@ -177,6 +177,7 @@ def _range_problems(config, reads_data=True):
       ("export.bg_threshold", 0 <= c.export.bg_threshold <= 1, "in [0, 1]"),
       ("export.protocol", c.export.protocol in paper_eval.PROTOCOLS,
        f"one of {paper_eval.PROTOCOLS}"),
+      ("inference.max_batch", c.inference.max_batch >= 1, ">= 1"),
       ("inference.stage2_class_th", 0 <= c.inference.stage2_class_th <= 1, "in [0, 1]"),
   ]
   checks += [(f"loss.{name}", c.loss[name] >= 0, ">= 0") for name in (

@@ -120,9 +120,10 @@ def report(results, config, workdir, step):
   """Prints the tables and writes `workdir/eval/step_<step>.json` (`step_<step>_paper.json` for
   `paper_eval` results; process 0 only)."""
   names = class_names(config)
-  for head in ("cam", "decoder", "paper"):
+  for head in ("cam", "decoder", "paper", "seeds"):
     if head in results:
-      extra = f" (best background threshold {results[head]['threshold']:.2f})" if head == "cam" else ""
+      extra = (f" (best background threshold {results[head]['threshold']:.2f})"
+               if "threshold" in results[head] else "")
       logging.info("%s mIoU on %s at step %d%s:\n%s", head, results["split"], step, extra,
                    metrics.format_table(results[head], names))
   logging.info("For comparison, predicting background everywhere gives mIoU %.2f%%.",

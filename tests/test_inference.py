@@ -133,3 +133,72 @@ def test_multiscale_names_a_bad_image_or_scale():
     inference.multiscale(StubNet(), stub_variables(), np.zeros((4, 4), np.float32))
   with pytest.raises(ValueError, match="Scale 0.1 turns the 5x5 image into 0x0"):
     inference.multiscale(StubNet(), stub_variables(), np.zeros((5, 5, 3), np.uint8), (0.1,))
+
+
+class Stage2StubNet(nn.Module):
+  """A stage-2 network's outputs: logits at stride 8, `x[8i, 8j] @ seg + 0.3 * j * ramp`."""
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    seg = self.param("seg", nn.initializers.zeros, (3, NUM_CLASSES + 1))
+    ramp = self.param("ramp", nn.initializers.zeros, (NUM_CLASSES + 1,))
+    cells = images[:, ::8, ::8]
+    columns = jnp.arange(cells.shape[2], dtype=jnp.float32)[None, None, :, None]
+    return {"seg_logits": cells @ seg + 0.3 * columns * ramp}
+
+
+def stage2_reference(image, variables, scales, hflip):
+  """Spec 9 view by view: the logits bilinearly resized (OpenCV, half-pixel) to the image,
+  un-flipped, softmaxed, averaged; class scores = the maximum probability of each class."""
+  p = variables["params"]
+  height, width = image.shape[:2]
+  x = ((image - MEAN) / STD).astype(np.float32)
+  probs, n = 0.0, 0
+  for scale in scales:
+    h, w = int(height * scale), int(width * scale)
+    view = cv2.resize(x, (w, h), interpolation=cv2.INTER_LINEAR)
+    for flip in (False, True)[:1 + hflip]:
+      cells = (view[:, ::-1] if flip else view)[::8, ::8]
+      logits = cells @ p["seg"] + 0.3 * np.arange(cells.shape[1])[None, :, None] * p["ramp"]
+      logits = cv2.resize(logits.astype(np.float32), (width, height),
+                          interpolation=cv2.INTER_LINEAR)
+      soft = np.exp(logits - logits.max(-1, keepdims=True))
+      soft /= soft.sum(-1, keepdims=True)
+      probs, n = probs + (soft[:, ::-1] if flip else soft), n + 1
+  probs = probs / n
+  return {"pred_mask": probs, "pred_class": probs[..., 1:].max(axis=(0, 1))}
+
+
+def test_stage2_networks_use_bilinear_logits_and_the_softmax_as_is():
+  image = np.random.RandomState(4).randint(0, 256, (45, 29, 3)).astype(np.uint8)
+  variables = stub_variables(5)
+  variables = {"params": {k: variables["params"][k] for k in ("seg", "ramp")}}
+  got = inference.multiscale(Stage2StubNet(), variables, image, (1.0, 0.5, 1.5), True)
+  want = stage2_reference(image, variables, (1.0, 0.5, 1.5), True)
+  assert got["stage2"]
+  for key in ("pred_mask", "pred_class"):
+    np.testing.assert_allclose(got[key], want[key], atol=2e-5, err_msg=key)
+
+
+def test_several_images_per_call_give_each_image_its_own_result():
+  """3 images of one size (2 calls at max_batch=2), one of another, and with buckets two sizes
+  sharing calls: each equals the NumPy loop on that image alone."""
+  rng = np.random.RandomState(6)
+  sizes = [(37, 23), (20, 30), (37, 23), (37, 23), (35, 22)]
+  images = [rng.randint(0, 256, size + (3,)).astype(np.uint8) for size in sizes]
+  variables = stub_variables(7)
+  for bucket in (0, 32):
+    got = inference.multiscale_many(StubNet(), variables, images, (1.0, 0.5), True, bucket,
+                                    max_batch=2)
+    for image, result in zip(images, got):
+      want = reference(image, variables, (1.0, 0.5), True)
+      for key in ("pred_class", "pred_mask", "cams"):
+        np.testing.assert_allclose(result[key], want[key], atol=2e-5, err_msg=key)
+
+
+def test_segment_keeps_a_stage2_softmax_and_gates_its_classes():
+  mask = np.array([[[0.5, 0.3, 0.15, 0.05], [0.1, 0.1, 0.1, 0.7]]], np.float32)  # 2 pixels
+  out = inference.segment(mask, np.array([0.3, 0.15, 0.7]), conf_th=0.2, softmax_as_is=True)
+  np.testing.assert_array_equal(out["keys"], [0, 2])
+  np.testing.assert_allclose(out["probs"][0], [[0.5, 0.3, 0, 0.05], [0.1, 0.1, 0, 0.7]])
+  np.testing.assert_array_equal(out["label"][0], [0, 3])

@@ -72,13 +72,40 @@ def test_streamed_confusion_matches_per_image_labels(crf_on, gate_by_tags):
   config.inference.conf_th = 0.5
   config.eval.crf, config.eval.gate_by_tags = crf_on, gate_by_tags
   batch, crops = records()
-  confusion, num_images = paper_eval.stream_confusion(
+  counts = paper_eval.stream_confusion(
       test_inference.StubNet(), test_inference.stub_variables(), config, [batch])
-  assert num_images == 3
+  confusion = counts["paper"]
+  assert counts["num_images"] == 3 and "seeds" not in counts
   expected = expected_confusion(crops, config)
   assert expected.sum() == sum(int((m != 255).sum()) for _, m, _ in crops)  # padding not counted
   np.testing.assert_array_equal(confusion, expected)
   assert confusion.dtype == np.int64
+
+
+def test_seed_sweep_counts_each_background_threshold_by_hand():
+  """The seeds (NumPy multi-scale reference, foreground / its max, GT tags only) against a
+  constant background th: argmax([th, seeds]) per pixel, counted with np.histogram2d."""
+  config = demo.get_config("smoke")
+  config.data.num_classes = test_inference.NUM_CLASSES
+  config.inference.scales = (1.0, 0.5)
+  config.eval.crf, config.eval.seed_sweep = False, True
+  config.eval.cam_threshold_min, config.eval.cam_threshold_max = 0.2, 0.6
+  config.eval.cam_threshold_step = 0.2
+  batch, crops = records()
+  variables = test_inference.stub_variables()
+  counts = paper_eval.stream_confusion(test_inference.StubNet(), variables, config, [batch])
+  num_labels = test_inference.NUM_CLASSES + 1
+  expected = np.zeros((3, num_labels, num_labels), np.int64)
+  for image, mask, tags in crops:
+    foreground = test_inference.reference(image, variables, (1.0, 0.5), True)["pred_mask"][..., 1:]
+    seeds = foreground / (foreground.max(axis=(0, 1)) + 1e-5) * tags
+    for t, threshold in enumerate((0.2, 0.4, 0.6)):
+      label = np.argmax(np.concatenate([np.full(mask.shape + (1,), threshold), seeds], -1), -1)
+      counted = mask != 255
+      expected[t] += np.histogram2d(mask[counted], label[counted], bins=num_labels,
+                                    range=((0, num_labels), (0, num_labels)))[0].astype(np.int64)
+  assert len({int(c.trace()) for c in expected}) > 1  # the thresholds give different labels
+  np.testing.assert_array_equal(counts["seeds"], expected)
 
 
 def test_sum_over_hosts_keeps_int64_counts():
@@ -105,6 +132,7 @@ def test_eval_paper_protocol_from_the_command_line(tmp_path, save_untrained_chec
   result = subprocess.run(
       [sys.executable, "-m", "rsepm_jax.main", "--config=configs/demo.py:smoke", "--mode=eval",
        f"--workdir={workdir}", "--config.eval.protocol=paper", "--config.inference.scales=(1.0,)",
+       "--config.eval.seed_sweep=True",
        "--config.inference.hflip=False"],
       capture_output=True, text=True, timeout=300, env=env, cwd=root)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -117,3 +145,7 @@ def test_eval_paper_protocol_from_the_command_line(tmp_path, save_untrained_chec
   assert len(results["paper"]["iou"]) == config.data.num_classes + 1
   assert 0 <= results["paper"]["miou"] <= 1
   assert "paper mIoU on val at step 2" in result.stderr
+  seeds = results["seeds"]  # the background sweep: 0.10 ... 0.80, the best one reported
+  assert len(seeds["per_threshold"]) == 15 and seeds["threshold"] in [
+      row["threshold"] for row in seeds["per_threshold"]]
+  assert seeds["miou"] == max(row["miou"] for row in seeds["per_threshold"])

@@ -215,6 +215,7 @@ def get_config(arg=None):
   # Pad views to multiples of this so nearby sizes share a compilation (border outputs and ASPP
   # pooling then see the padding); 0: exact sizes, as the official code.
   config.inference.size_bucket = 0
+  config.inference.max_batch = 4  # images of one view shape per device call
 
   if variant == "ablation":
     # Sized for 3 seeds x every row in about an hour on 2 cores, with a CAM well above chance:
