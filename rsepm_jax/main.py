@@ -4,7 +4,7 @@ r"""RecurSeed + EdgePredictMix: train, evaluate, export pseudo labels or segment
   python -m rsepm_jax.main --config=configs/demo.py --workdir=/tmp/rsepm_demo --mode=eval
   python -m rsepm_jax.main --config=configs/demo.py --workdir=/tmp/rsepm_demo --mode=export
   python -m rsepm_jax.main --config=configs/demo.py --workdir=/tmp/rsepm_demo --mode=predict \
-      --input=photos/ [--output=DIR]
+      --input=photos/ [--output=DIR] [--tags=dog,person]
 
 Modes: train (resumes from the latest checkpoint in --workdir, then evaluates), eval (scores a
 checkpoint: the latest or --step; --config.eval.protocol=paper for the paper's multi-scale + flip +
@@ -48,6 +48,9 @@ _STEP = flags.DEFINE_integer("step", None,
                              "--mode=eval|export|predict: checkpoint step (default: the latest).")
 _INPUT = flags.DEFINE_list("input", None,
                            "--mode=predict: image files, folders or glob patterns, comma-separated.")
+_TAGS = flags.DEFINE_list(
+    "tags", None, "--mode=predict: class names present in every input image, comma-separated "
+    "(default: the classes the network finds).")
 _OUTPUT = flags.DEFINE_string("output", None,
                               "--mode=predict: output folder (default: <workdir>/predictions).")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
@@ -60,7 +63,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 # Errors about the user's files, whose message names the file and the problem: shown without a
 # traceback.
 _INPUT_ERRORS = (records.BadRecordError, preflight.BadSplitError, FileNotFoundError,
-                 NotADirectoryError, convert.WeightsError)
+                 NotADirectoryError, convert.WeightsError, predict.UnknownClassError)
 
 
 def main(argv):
@@ -81,7 +84,8 @@ def main(argv):
     else:
       if not _INPUT.value:
         raise app.UsageError("--mode=predict needs --input (image files, folders or globs).")
-      predict.predict(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value, _STEP.value, allow)
+      predict.predict(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value, _STEP.value, allow,
+                      _TAGS.value)
   except config_check.ConfigError as error:
     raise SystemExit(str(error)) from None  # the message names every key: no traceback
   except _INPUT_ERRORS as error:  # bad or missing data: the message names the files

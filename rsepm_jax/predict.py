@@ -5,7 +5,9 @@ comma-separated. Per image `<name>` the output folder gets
   <name>.png              VOC palette PNG of the image's size (0 background, c + 1 class c)
   <name>_overlay.png      the image blended with the label colours, a legend of the classes below
   <name>_cam_<class>.png  the CAM heat map (jet, blended with the image) of each predicted class
-Classes are those with a mean score >= `config.inference.conf_th`. An image that cannot be read is
+Classes are those of `--tags` (names, for every image) or else those the network finds (mean
+score >= `config.inference.conf_th`; stage-2 networks: a pixel probability >= `stage2_class_th`);
+heat maps are the CAMs (stage 2: the class probabilities). An image that cannot be read is
 logged by name and skipped. With several processes each writes its share of the files.
 """
 import glob
@@ -88,47 +90,80 @@ def _output_names(files):
   return names
 
 
-def predict(config, workdir, inputs, output=None, step=None, allow_config_change=False):
+class UnknownClassError(ValueError):
+  """A `--tags` name that is not one of the config's classes (the message lists them)."""
+
+
+def tags_from_names(tags, names):
+  """bool `[C]` multi-hot of the class `tags` (names as in `names[1:]`, case and spaces or
+  underscores alike); an unknown name is an error listing the classes."""
+  def key(name):
+    return name.lower().replace(" ", "").replace("_", "")
+  index = {key(name): i for i, name in enumerate(names[1:])}
+  unknown = [tag for tag in tags if key(tag) not in index]
+  if unknown:
+    raise UnknownClassError(f"--tags {','.join(unknown)}: unknown class name(s); the classes are "
+                     f"{', '.join(names[1:])}.")
+  multi_hot = np.zeros(len(names) - 1, bool)
+  multi_hot[[index[key(tag)] for tag in tags]] = True
+  return multi_hot
+
+
+def _read_image(path):
+  """uint8 RGB `[H, W, 3]`, or None (logged) when `path` is not a readable image."""
+  try:
+    with Image.open(path) as opened:
+      return np.asarray(opened.convert("RGB"))
+  except (OSError, ValueError, Image.DecompressionBombError) as error:
+    logging.warning("Skipped %s: not a readable image (%s).", path, error)
+    return None
+
+
+def predict(config, workdir, inputs, output=None, step=None, allow_config_change=False, tags=None):
   """Segments the images of `inputs` (see `input_files`) with the checkpoint `step` (default:
-  latest) of `workdir`; writes to `output` (default `workdir/predictions`).
+  latest) of `workdir`; writes to `output` (default `workdir/predictions`). `tags`: class names
+  present in every image (default: the classes the network finds, `inference.segment_scores`).
+  Images are read `config.inference.max_batch` x 4 at a time and those of one size share
+  device calls (`inference.multiscale_many`).
 
   Returns (number of images written by this process, paths of the files skipped as unreadable).
   """
   settings = config.inference
   files = input_files(inputs)
+  names = evaluate.class_names(config)
+  multi_hot = tags_from_names(tags, names) if tags else None
   mesh = parallel.make_mesh()
   model, variables, step = train.restore_for_inference(config, workdir, mesh, step,
                                                        allow_config_change, reads_data=False)
   metric_writer.log_to_file(workdir)
   out_dir = epath.Path(output or epath.Path(workdir) / "predictions")
   out_dir.mkdir(parents=True, exist_ok=True)
-  names = evaluate.class_names(config)
   mine = slice(jax.process_index(), None, jax.process_count())
   files, out_names = files[mine], _output_names(files)[mine]
   progress = metric_writer.CountProgress("predict", len(files))
   written, skipped = 0, []
-  for path, name in zip(files, out_names):
-    try:
-      with Image.open(path) as opened:
-        image = np.asarray(opened.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-      logging.warning("Skipped %s: not a readable image (%s).", path, error)
-      skipped.append(path)
-      progress.advance(1)
-      continue
-    scores = inference.multiscale(model, variables, image, tuple(settings.scales),
-                                  settings.hflip, settings.size_bucket)
-    result = inference.segment(
-        scores["pred_mask"], scores["pred_class"], conf_th=settings.conf_th,
-        bg_gamma=settings.bg_gamma,
-        bg_threshold=settings.bg_threshold if settings.background == "constant" else None)
-    visualize.save_png(result["label"], out_dir / f"{name}.png")
-    visualize.save_png(overlay(image, result["label"], names), out_dir / f"{name}_overlay.png")
-    for key in result["keys"]:
-      visualize.save_png(heat_map(image, scores["cams"][..., key]),
-                         out_dir / f"{name}_cam_{names[key + 1].replace(' ', '_')}.png")
-    written += 1
-    progress.advance(1)
+  chunk = 4 * settings.max_batch
+  for start in range(0, len(files), chunk):
+    images, kept = [], []
+    for path, name in zip(files[start:start + chunk], out_names[start:start + chunk]):
+      image = _read_image(path)
+      if image is None:
+        skipped.append(path)
+      else:
+        images.append(image)
+        kept.append(name)
+    all_scores = inference.multiscale_many(model, variables, images, tuple(settings.scales),
+                                           settings.hflip, settings.size_bucket,
+                                           settings.max_batch)
+    for image, name, scores in zip(images, kept, all_scores):
+      result = inference.segment_scores(scores, settings, multi_hot)
+      visualize.save_png(result["label"], out_dir / f"{name}.png")
+      visualize.save_png(overlay(image, result["label"], names), out_dir / f"{name}_overlay.png")
+      for key in result["keys"]:
+        visualize.save_png(heat_map(image, scores["cams"][..., key]),
+                           out_dir / f"{name}_cam_{names[key + 1].replace(' ', '_')}.png")
+      written += 1
+    progress.advance(len(files[start:start + chunk]))
   skipped_note = f"; skipped {len(skipped)} unreadable: {', '.join(skipped)}" if skipped else ""
   logging.info("Wrote the predictions of %d images (checkpoint step %d) to %s%s.", written, step,
                out_dir, skipped_note)

@@ -53,6 +53,14 @@ def test_predict_writes_outputs_per_image_and_names_the_corrupt_file(tmp_path, s
     assert heat.mode == "RGB" and heat.size == (width, height)
   assert {p.name for p in out.iterdir()} == expected
 
+  tagged = tmp_path / "tagged"  # --tags: that class alone in every image, whatever the scores
+  assert predict.predict(config, str(workdir), [str(photos / "a.jpg"), str(photos / "c.jpg")],
+                         str(tagged), tags=[names[1]])[0] == 2
+  assert {p.name for p in tagged.iterdir()} == {
+      f"{n}{suffix}" for n in "ac" for suffix in (".png", "_overlay.png", f"_cam_{names[1]}.png")}
+  for name in "ac":
+    assert set(np.unique(np.asarray(Image.open(tagged / f"{name}.png")))) <= {0, 2}
+
 
 def test_input_files_takes_files_folders_and_globs(tmp_path):
   for name in ("x.png", "y.JPG", "z.txt"):
@@ -85,3 +93,11 @@ def test_overlay_blends_labelled_pixels_and_adds_a_legend_row_per_class():
 def test_output_names_keep_repeated_stems_apart():
   names = predict._output_names(["p/a.jpg", "q/a.png", "q/b.png", "r/a.jpg"])
   assert names == ["a", "a_2", "b", "a_3"]
+
+
+def test_tags_name_the_classes_of_every_image():
+  names = ("background", "aeroplane", "potted plant", "dog")
+  np.testing.assert_array_equal(predict.tags_from_names(["Dog", "potted_plant"], names),
+                                [False, True, True])
+  with pytest.raises(predict.UnknownClassError, match="--tags dgo: unknown class name.*dog"):
+    predict.tags_from_names(["dog", "dgo"], names)
