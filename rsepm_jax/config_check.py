@@ -257,7 +257,8 @@ def check_mode(config, mode):
   if mode == "train":
     raise ConfigError(
         f"--mode=train trains config.model.arch='rsepm' only, not {arch!r}: training the "
-        "multi-stage segmentation networks comes with the multi-stage pipeline (issue 12).")
+        "multi-stage segmentation networks is not implemented yet (the README's 'Not done "
+        "yet'); --mode=eval|export|predict run them from official weights.")
   if mode in ("eval", "export") and config[mode].protocol == "single":
     raise ConfigError(
         f"--mode={mode} of config.model.arch={arch!r} needs --config.{mode}.protocol=paper: the "

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rsepm_jax import config_check
 from rsepm_jax import evaluate
 from rsepm_jax import metric_writer
 from rsepm_jax import metrics
@@ -75,17 +76,21 @@ def write_paper_labels(model, variables, config, batches, out_dir, progress=None
   `config.eval.global_batch_size` per batch."""
   written = skipped = 0
   for batch in batches:
+    paths, images, tags = [], [], []
     for i in np.flatnonzero(batch["valid"]):
       path = out_dir / f"{batch['id'][i]}.png"
       if path.exists():
         skipped += 1
         continue
       top, left, bottom, right = (int(v) for v in batch["crop_box"][i])
-      image = np.asarray(batch["image"][i, top:bottom, left:right])
-      label = paper_eval.predict_label(model, variables, image, config,
-                                       tags=batch["labels"][i] > 0, use_crf=config.export.crf)
+      paths.append(path)
+      images.append(np.asarray(batch["image"][i, top:bottom, left:right]))
+      tags.append(batch["labels"][i] > 0)
+    labels = paper_eval.predict_labels(model, variables, images, config, tags,
+                                       use_crf=config.export.crf)
+    for path, label in zip(paths, labels):
       visualize.save_png(label, path)
-      written += 1
+    written += len(paths)
     if progress is not None:
       progress.advance(config.eval.global_batch_size)
   return written, skipped
@@ -97,7 +102,8 @@ def export_pseudo_labels(config, workdir, step=None, split=None, allow_config_ch
 
   `allow_config_change`: see `train.restore_for_inference`."""
   split = split or config.export.split
-  if not config.model.with_decoder:
+  config_check.check_mode(config, "export")
+  if config.model.arch == "rsepm" and not config.model.with_decoder:
     raise ValueError("--mode=export needs the decoder (config.model.with_decoder=True).")
   mesh = parallel.make_mesh()
   model, variables, step = train.restore_for_inference(config, workdir, mesh, step,

@@ -101,8 +101,8 @@ def stream_confusion(model, variables, config, batches, progress=None):
         counts["seeds"] = metrics.accumulate(counts["seeds"], seed_sweep_confusions(
             scores, image_tags, mask, thresholds, num_labels))
       counts["num_images"] += 1
-    if progress is not None:
-      progress.advance(len(batch["valid"]))
+    if progress is not None:  # the batches of every host advance together
+      progress.advance(config.eval.global_batch_size)
   return counts
 
 
