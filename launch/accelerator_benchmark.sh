@@ -10,7 +10,8 @@
 # BENCH_CONFIG overrides the config (default configs/voc.py; e.g. configs/demo.py:smoke to try
 # the script on a CPU). Rows: the config's train step on synthetic random inputs of its shape
 # (no data set, no ImageNet weights) with images/s, median step time, compile time, peak device
-# memory and MFU; the eval pass, PAMR, SCG, Canny, EPM; dense CRF when implemented. Each row runs
+# memory and MFU; the eval pass, PAMR, SCG, Canny, EPM, the dense CRF, multi-scale + flip
+# inference with and without the CRF (the paper protocol per image). Each row runs
 # in its own process under a timeout and all rows share a 440 s budget, and the whole script is
 # stopped at 480 s.
 set -euo pipefail
