@@ -1,6 +1,7 @@
 """ImageNet ResNet weights from torchvision / timm checkpoints into `resnet.ResNet` (spec 1.1),
 and official RS+EPM checkpoints into the whole network of `config.model.arch` (`from_official`):
-the single-stage `RSEPMNet` or the multi-stage DeepLabv3+ / DeepLabv2 (spec 9).
+the single-stage `RSEPMNet` or the multi-stage DeepLabv3+ / DeepLabv2 (spec 9), and the
+multi-stage boundary network `affinity.AffinityNet` (`from_official_affinity`).
 
 RS+EPM starts from torchvision's `resnet50-19c8e357.pth` / `resnet101-5d3b4d8f.pth`, loaded
 with `strict=False` so that `fc` is dropped. Here missing keys and shape mismatches are errors
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
+from rsepm_jax.models import affinity
 from rsepm_jax.models import networks
 from rsepm_jax.models import resnet
 
@@ -167,8 +169,26 @@ def from_torchvision(state_dict, depth, where="torchvision state dict"):
   return traverse_util.unflatten_dict(flat)
 
 
+# Official `AffinityNet` modules by ours. RECONSTRUCTED: read off the module tree of
+# `core/networks.py::AffinityNet` (commit 09d5aa6: `fc_edge1..5 = Sequential(conv, GroupNorm,
+# [Upsample,] ReLU)`, `fc_edge6` conv); no AffinityNet weights were released, so no file has
+# confirmed them. Its backbone is the same torchvision ResNet under `model.`.
+_AFFINITY_MODULES = {
+    "edge_1/conv": "fc_edge1.0", "edge_1/norm": "fc_edge1.1",
+    "edge_2/conv": "fc_edge2.0", "edge_2/norm": "fc_edge2.1",
+    "edge_3/conv": "fc_edge3.0", "edge_3/norm": "fc_edge3.1",
+    "edge_4/conv": "fc_edge4.0", "edge_4/norm": "fc_edge4.1",
+    "edge_5/conv": "fc_edge5.0", "edge_5/norm": "fc_edge5.1",
+    "edge_logit": "fc_edge6",
+}
+# A PyTorch state dict repeats the edge layers under the ModuleList `edge_layers` (entry i is
+# `fc_edge{i + 1}`); these copies are checked against the `fc_edge` tensors and dropped.
+_AFFINITY_ALIAS = re.compile(r"^edge_layers\.(\d+)\.(.+)$")
+# Official AffinityNet tensors with no counterpart here, dropped: the path-index buffers of
+# `to_affinity` and the unused displacement branch (`with_instance`).
+_AFFINITY_UNUSED = re.compile(r"^(path_indices_\d+|disp_target|mean_shift\..+|fc_dp\d+\..+)$")
 # Official module names (`core/networks.py::RSEPM`, `DeepLabv3_Plus`, `DeepLabv2`,
-# `core/layers.py`) by our Flax ones; the backbone is torchvision's under `model.`.
+# `core/layers.py`, `AffinityNet`) by our Flax ones; the backbone is torchvision's under `model.`.
 _OFFICIAL_MODULES = {
     "classifier": "classifier",
     "aspp/branch_1x1": "aspp.aspp1",
@@ -178,12 +198,16 @@ _OFFICIAL_MODULES = {
     "decoder/conv1": "decoder.classifier.0",
     "decoder/conv2": "decoder.classifier.2",
     "decoder/classifier": "decoder.classifier.4",
+    **_AFFINITY_MODULES,
 }
 # Numbered ASPP branches: (our name, official number of branch 0). DeepLabv3's dilated branch i
 # is `aspp.aspp{i + 2}` (`aspp1` is the 1x1 one); DeepLabv2's branch i is `aspp.aspp{i + 1}`.
 _ASPP_BRANCHES = ((re.compile(r"^aspp/branch_3x3_(\d+)$"), 2),
                   (re.compile(r"^aspp/branch_(\d+)$"), 1))
-_OFFICIAL_HEADS = ("classifier.", "aspp.", "decoder.")  # keys a backbone-only checkpoint lacks
+# Keys a backbone-only checkpoint lacks.
+_OFFICIAL_HEADS = ("classifier.", "aspp.", "decoder.", "fc_edge")
+# `networks.ARCH_NAMES` and the boundary network's.
+_ARCH_NAMES = {**networks.ARCH_NAMES, affinity.ARCH: affinity.ARCH_NAME}
 # Config keys read off an official checkpoint for errors: (key, tensor, its output channels less
 # this many; the stage-2 logits count the background).
 _OFFICIAL_SIZES = (("data.num_classes", "classifier.weight", 0),
@@ -198,6 +222,7 @@ _SHAPING_KEYS = {
     "deeplabv3plus": "config.model.backbone, config.data.num_classes and "
                      "config.model.decoder_channels / low_level_channels",
     "deeplabv2": "config.model.backbone and config.data.num_classes",
+    affinity.ARCH: "config.model.backbone",
 }
 
 
@@ -210,14 +235,16 @@ def is_official(keys):
 def official_arch(keys):
   """The `config.model.arch` of an official checkpoint with `keys`, None for a backbone-only one.
 
-  A CAM `classifier` is RS+EPM's, bare `aspp.aspp1.weight` (no conv + BN) DeepLabv2's, other
-  heads DeepLabv3+'s (docs: official_checkpoints.md).
+  A CAM `classifier` is RS+EPM's, bare `aspp.aspp1.weight` (no conv + BN) DeepLabv2's, `fc_edge`
+  layers AffinityNet's, other heads DeepLabv3+'s (docs: official_checkpoints.md).
   """
   keys = set(keys)
   if any(key.startswith("classifier.") for key in keys):
     return "rsepm"
   if "aspp.aspp1.weight" in keys:
     return "deeplabv2"
+  if any(key.startswith("fc_edge") for key in keys):
+    return affinity.ARCH
   return "deeplabv3plus" if is_official(keys) else None
 
 
@@ -247,13 +274,38 @@ def official_key(collection, path):
   raise ValueError(f"No official name for the variable {collection}/{'/'.join(path)}.")
 
 
+def _affinity_weights(state_dict, where):
+  """An official AffinityNet state dict less its `edge_layers` copies (each checked equal to its
+  `fc_edge` tensor, or taken for it when that is absent) and the tensors of `_AFFINITY_UNUSED`
+  (logged)."""
+  kept, dropped = {}, []
+  for key, value in state_dict.items():
+    alias = _AFFINITY_ALIAS.match(key)
+    if alias:
+      primary = f"fc_edge{int(alias.group(1)) + 1}.{alias.group(2)}"
+      if primary not in state_dict:
+        kept[primary] = value
+      elif not np.array_equal(np.asarray(value), np.asarray(state_dict[primary])):
+        raise WeightsError(f"{where}: {key} differs from {primary}; an AffinityNet state dict "
+                           "holds the same edge layer under both names.")
+    elif _AFFINITY_UNUSED.match(key):
+      dropped.append(key)
+    else:
+      kept[key] = value
+  if dropped:
+    logging.info("%s: dropped %d AffinityNet tensors this model does not use (path indices, "
+                 "displacement branch): %s", where, len(dropped), _listed(sorted(dropped)))
+  return kept
+
+
 def _from_official_layout(state_dict, template, where):
   """Official state dict -> variables shaped like `template` (arrays or `jax.ShapeDtypeStruct`s
   of the variables of a `networks.from_config` network), float32 numpy.
 
   A checkpoint of another network is named as such. Every key and shape is checked: missing or
   unexpected keys and shape mismatches raise one WeightsError naming them;
-  `num_batches_tracked` is ignored.
+  `num_batches_tracked` is ignored. AffinityNet's duplicate and unused tensors are dropped first
+  (`_affinity_weights`).
   """
   expected = {}
   for collection in ("params", "batch_stats"):
@@ -263,8 +315,10 @@ def _from_official_layout(state_dict, template, where):
   arch, found = official_arch(expected), official_arch(state_dict)
   if found not in (None, arch):
     raise WeightsError(
-        f"{where}: this looks like an official {networks.ARCH_NAMES[found]} checkpoint "
+        f"{where}: this looks like an official {_ARCH_NAMES[found]} checkpoint "
         f"(config.model.arch={arch!r}); set --config.model.arch={found}.")
+  if arch == affinity.ARCH:
+    state_dict = _affinity_weights(state_dict, where)
   depth = {sizes: depth for depth, sizes in resnet.STAGE_SIZES.items()}.get(stage_sizes(expected))
   if depth:  # a ResNet-101 checkpoint for a ResNet-50 is named as such
     check_depth([key for key in state_dict if key.startswith("model.")], depth, where)
@@ -283,7 +337,7 @@ def _from_official_layout(state_dict, template, where):
         sizes.setdefault(name, np.shape(state_dict[key])[0] - background)
     built = ", ".join(f"{name}={size}" for name, size in sizes.items())
     raise WeightsError(
-        f"{where} does not fit the configured {networks.ARCH_NAMES[arch]} model "
+        f"{where} does not fit the configured {_ARCH_NAMES[arch]} model "
         f"({'; '.join(problems)}). Check {_SHAPING_KEYS[arch]} against the checkpoint"
         f"{f' (it has {built})' if built else ''}.")
   flat = {}
@@ -308,6 +362,21 @@ def from_official(state_dict, config, where="official state dict"):
   size = config.data.crop_size
   template = jax.eval_shape(model.init, jax.random.key(0),
                             jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+  return _from_official_layout(state_dict, template, where)
+
+
+def from_official_affinity(state_dict, backbone="resnet50", where="official state dict"):
+  """Official AffinityNet state dict {key: np.ndarray} -> variables of
+  `affinity.AffinityNet(backbone)` ({"params", "batch_stats"}, float32 numpy).
+
+  Keys (RECONSTRUCTED from the official module tree, `_AFFINITY_MODULES`; no released file has
+  confirmed them): the torchvision backbone under `model.`, `fc_edge{1..5}.0.weight` (1x1 conv),
+  `fc_edge{1..5}.1.weight/bias` (GroupNorm), `fc_edge6.weight/bias`; `edge_layers.*` copies must
+  equal them, path indices and the displacement branch are dropped. Every key and shape is
+  checked as in `from_official`.
+  """
+  template = jax.eval_shape(affinity.AffinityNet(backbone=backbone).init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
   return _from_official_layout(state_dict, template, where)
 
 
@@ -413,7 +482,7 @@ def load_into(variables, path, depth):
   loaded = {collection: dict(tree) for collection, tree in variables.items()}
   if is_official(arrays):
     logging.info("%s is an official %s checkpoint: loading the whole model.", path,
-                 networks.ARCH_NAMES[official_arch(arrays)])
+                 _ARCH_NAMES[official_arch(arrays)])
     official = _from_official_layout(arrays, variables, str(path))
     for collection in ("params", "batch_stats"):
       loaded[collection] = jax.tree.map(lambda new, old: np.asarray(new, old.dtype),
@@ -452,7 +521,7 @@ def convert_file(src, dst, depth=50):
               if not key.endswith("num_batches_tracked")}
     _write_arrays(dst, arrays)
     print(f"Wrote the {len(arrays)} tensors of an official "
-          f"{networks.ARCH_NAMES[official_arch(arrays)]} checkpoint to {dst} "
+          f"{_ARCH_NAMES[official_arch(arrays)]} checkpoint to {dst} "
           "(for config.model.init_from)")
     return
   variables = from_torchvision(state_dict, depth, str(src))  # raises on a missing key or depth
