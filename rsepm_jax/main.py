@@ -27,14 +27,12 @@ import jax
 from ml_collections import config_flags
 
 from rsepm_jax import checkpoint
+from rsepm_jax import cli_errors
 from rsepm_jax import config_check
 from rsepm_jax import export
 from rsepm_jax import parallel
 from rsepm_jax import predict
 from rsepm_jax import train
-from rsepm_jax.data import preflight
-from rsepm_jax.data import records
-from rsepm_jax.models import convert
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/demo.py or configs/demo.py:smoke.", lock_config=True)
@@ -60,12 +58,6 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "LR, phase epochs, train split); the differences are logged as warnings.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-# Errors about the user's files, whose message names the file and the problem: shown without a
-# traceback.
-_INPUT_ERRORS = (records.BadRecordError, preflight.BadSplitError, FileNotFoundError,
-                 NotADirectoryError, convert.WeightsError, predict.UnknownClassError)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -74,7 +66,7 @@ def main(argv):
   logging.info("JAX %s, process %d/%d, local devices: %s", jax.__version__, jax.process_index(),
                jax.process_count(), jax.local_devices())
   config, allow = _CONFIG.value, _ALLOW_CONFIG_CHANGE.value
-  try:
+  with cli_errors.one_line_errors():
     if _MODE.value == "train":
       train.train_and_evaluate(config, _WORKDIR.value, allow)
     elif _MODE.value == "eval":
@@ -86,11 +78,6 @@ def main(argv):
         raise app.UsageError("--mode=predict needs --input (image files, folders or globs).")
       predict.predict(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value, _STEP.value, allow,
                       _TAGS.value)
-  except config_check.ConfigError as error:
-    raise SystemExit(str(error)) from None  # the message names every key: no traceback
-  except _INPUT_ERRORS as error:  # bad or missing data: the message names the files
-    raise SystemExit(f"{type(error).__name__}: {error}") from None
-
 
 if __name__ == "__main__":
   jax.config.config_with_absl()
