@@ -42,6 +42,7 @@ _KINDS = (
     ("data.name", SCHEDULE),
     ("data.dataset", SCHEDULE),
     ("data.train_split", SCHEDULE),
+    ("data.train_mask_dir", SCHEDULE),  # the training targets of the DeepLab networks
     ("data.synthetic.num_eval", SAFE),
     ("data.synthetic.*", SCHEDULE),  # the synthetic training images
     ("optim.momentum", SAFE),
@@ -58,6 +59,8 @@ _KINDS = (
 _TUPLE_LENGTHS = {"data.resize_range": 2, "data.color_jitter": 4, "data.synthetic.object_size": 2,
                   "model.decoder_dropout": 2}
 STEPS_PER_EPOCH = "steps per epoch"  # the derived schedule entry of a checkpoint's config record
+# config.export.protocol: the pseudo-label rules and "confident", IRNet's affinity labels (export)
+EXPORT_PROTOCOLS = paper_eval.PROTOCOLS + ("confident",)
 
 
 class ConfigError(ValueError):
@@ -175,8 +178,16 @@ def _range_problems(config, reads_data=True):
        f"one of {inference.BACKGROUNDS}"),
       ("eval.protocol", c.eval.protocol in paper_eval.PROTOCOLS, f"one of {paper_eval.PROTOCOLS}"),
       ("export.bg_threshold", 0 <= c.export.bg_threshold <= 1, "in [0, 1]"),
-      ("export.protocol", c.export.protocol in paper_eval.PROTOCOLS,
-       f"one of {paper_eval.PROTOCOLS}"),
+      ("export.protocol", c.export.protocol in EXPORT_PROTOCOLS, f"one of {EXPORT_PROTOCOLS}"),
+      ("affinity.fg_threshold", 0 < c.affinity.fg_threshold <= 1, "in (0, 1]"),
+      ("affinity.bg_threshold", 0 <= c.affinity.bg_threshold < c.affinity.fg_threshold,
+       f"in [0, affinity.fg_threshold={c.affinity.fg_threshold})"),
+      ("affinity.radius", c.affinity.radius >= 2, ">= 2"),
+      ("rw.radius", c.rw.radius >= 2, ">= 2"),
+      ("rw.beta", c.rw.beta > 0, "> 0"),
+      ("rw.exp_times", c.rw.exp_times >= 0, ">= 0"),
+      ("rw.bg_threshold", 0 <= c.rw.bg_threshold <= 1, "in [0, 1]"),
+      ("rw.edge_size", c.rw.edge_size >= 1, ">= 1"),
       ("inference.max_batch", c.inference.max_batch >= 1, ">= 1"),
       ("inference.stage2_class_th", 0 <= c.inference.stage2_class_th <= 1, "in [0, 1]"),
   ]
@@ -191,10 +202,14 @@ def _range_problems(config, reads_data=True):
               f"in [0, train.num_epochs={c.train.num_epochs}]")
              for name in ("rs_start_epoch", "mix_start_epoch")]
   # RecurSeed and the mixing work on the CAM grid: a crop must tile it exactly (evaluation
-  # resizes the maps to the padded image, so eval_size may be any size).
+  # resizes the maps to the padded image, so eval_size may be any size). The DeepLab networks'
+  # logits are upsampled to any crop.
   stride = rsepm.cam_stride(c.model.output_stride, c.model.last_stride)
-  checks.append(("data.crop_size", c.data.crop_size % stride == 0,
+  checks.append(("data.crop_size", c.model.arch != "rsepm" or c.data.crop_size % stride == 0,
                  f"a multiple of the CAM stride {stride} (model.output_stride x model.last_stride)"))
+  checks.append(("data.train_mask_dir", c.model.arch != "rsepm" or not c.data.train_mask_dir,
+                 "empty for model.arch='rsepm', which trains on image tags (training masks are "
+                 "for the deeplab networks)"))
   return [(key, expected) for key, ok, expected in checks if not ok]
 
 
@@ -248,21 +263,17 @@ def validate(config, reads_data=True):
 def check_mode(config, mode):
   """Raises `ConfigError` (one line) when `--mode=mode` cannot run `config.model.arch`.
 
-  The multi-stage networks (deeplabv3plus, deeplabv2) are not trained here yet, and their
-  evaluation and export need the "paper" protocol: the "single" one reads RS+EPM's CAMs.
+  Every network trains and evaluates (the multi-stage ones, deeplabv3plus and deeplabv2, on their
+  decoder alone); their export needs the "paper" protocol (spec 8.1, 9): the "single" one is
+  RS+EPM's pseudo-label rule.
   """
   arch = config.model.arch
   if arch == "rsepm" or arch not in networks.ARCHS:  # `validate` names an unknown arch
     return
-  if mode == "train":
-    raise ConfigError(
-        f"--mode=train trains config.model.arch='rsepm' only, not {arch!r}: training the "
-        "multi-stage segmentation networks is not implemented yet (the README's 'Not done "
-        "yet'); --mode=eval|export|predict run them from official weights.")
-  if mode in ("eval", "export") and config[mode].protocol == "single":
+  if mode == "export" and config[mode].protocol == "single":
     raise ConfigError(
         f"--mode={mode} of config.model.arch={arch!r} needs --config.{mode}.protocol=paper: the "
-        "'single' protocol uses the CAMs of the RS+EPM network, which this network lacks.")
+        "'single' protocol is RS+EPM's pseudo-label rule, not this network's (spec 9).")
 
 
 # ------------------------------------------------------------------------------- checkpoints

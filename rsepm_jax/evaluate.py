@@ -3,8 +3,9 @@
 CAM seeds: per-class `relu(cam)` upsampled (bilinear, half-pixel) to the image, max-normalised
 over the valid image, GT classes only, background by a constant threshold swept over
 `config.eval.cam_threshold_*`; the best threshold is reported. Decoder: argmax of the upsampled
-`seg_logits` over all C+1 classes. Confusion matrices are summed on device across the batch
-(and so across devices and hosts) and accumulated on the host in int64.
+`seg_logits` over all C+1 classes (the only head of the DeepLab networks, which have no CAMs).
+Confusion matrices are summed on device across the batch (and so across devices and hosts) and
+accumulated on the host in int64.
 """
 import contextlib
 import json
@@ -42,7 +43,8 @@ def upsampled_cam_scores(cams, crop_box, size):
 
 def make_eval_step(model, num_classes, thresholds, mesh):
   """Jitted `(variables, batch) -> {"cam": int32 [T, K, K], "decoder": int32 [K, K], "num_images": int32 []}`
-  (summed over the global batch, every host included)."""
+  (summed over the global batch, every host included); "cam" only for a network with CAMs,
+  "decoder" only for one with `seg_logits`."""
   num_labels = num_classes + 1
 
   def eval_step(variables, batch):
@@ -50,9 +52,11 @@ def make_eval_step(model, num_classes, thresholds, mesh):
     size = batch["image"].shape[1:3]
     gt = batch["mask"].astype(jnp.int32)
     valid = batch["valid"][:, None, None] & (gt != 255)
-    scores = upsampled_cam_scores(outputs["cams"], batch["crop_box"], size)
-    confusions = {"cam": metrics.threshold_sweep_confusions(
-        scores, batch["labels"], gt, thresholds, num_labels, valid=valid)}
+    confusions = {}
+    if "cams" in outputs:  # the DeepLab networks have none
+      scores = upsampled_cam_scores(outputs["cams"], batch["crop_box"], size)
+      confusions["cam"] = metrics.threshold_sweep_confusions(
+          scores, batch["labels"], gt, thresholds, num_labels, valid=valid)
     if "seg_logits" in outputs:
       logits = image_ops.resize_bilinear(outputs["seg_logits"], size)
       confusions["decoder"] = metrics.confusion_matrix(
@@ -89,13 +93,16 @@ def evaluate(model, variables, config, mesh, split=None):
     progress.advance(config.eval.global_batch_size)
     for name, value in confusions.items():
       totals[name] = metrics.accumulate(totals.get(name, np.zeros(value.shape, np.int64)), value)
-  cam = metrics.best_threshold(totals["cam"], thresholds)
+  any_confusion = totals["decoder"] if "decoder" in totals else totals["cam"][0]
   results = {
       "split": split,
       "num_images": num_images,
-      "cam": {**metrics.segmentation_scores(totals["cam"][cam["index"]]), "threshold": cam["threshold"]},
-      "all_background_miou": metrics.all_background_miou(totals["cam"][0]),
+      "all_background_miou": metrics.all_background_miou(any_confusion),
   }
+  if "cam" in totals:
+    cam = metrics.best_threshold(totals["cam"], thresholds)
+    results["cam"] = {**metrics.segmentation_scores(totals["cam"][cam["index"]]),
+                      "threshold": cam["threshold"]}
   if "decoder" in totals:
     results["decoder"] = metrics.segmentation_scores(totals["decoder"])
   return results

@@ -2,7 +2,8 @@
 
 Parameters fall into four groups (the official `get_parameter_groups`): backbone weights,
 backbone biases, new-layer weights, new-layer biases. "Backbone" is the `backbone` submodule of
-`RSEPMNet`; "weights" are conv kernels and BN scales, "biases" are biases and BN offsets.
+every network (`RSEPMNet`, `DeepLabV3Plus`, `DeepLabV2`), the rest (classifier, ASPP, decoder)
+is new; "weights" are conv kernels and BN scales, "biases" are biases and BN offsets.
 Weight decay applies to the weight groups only, added to the gradient before momentum as
 PyTorch's SGD does.
 """
@@ -32,7 +33,7 @@ def poly_schedule(base_lr, total_steps, power):
 
 
 def make_optimizer(optim_config, total_steps):
-  """optax transformation implementing spec 7.1 for `RSEPMNet` params."""
+  """optax transformation implementing spec 7.1 for the params of any `networks` network."""
   schedule = poly_schedule(optim_config.lr, total_steps, optim_config.poly_power)
   multipliers = {
       "backbone_weight": optim_config.lr_backbone_weight,

@@ -22,6 +22,7 @@ from rsepm_jax import optimizer
 from rsepm_jax import paper_eval
 from rsepm_jax import parallel
 from rsepm_jax import preemption
+from rsepm_jax import seg_train_step
 from rsepm_jax import state as state_lib
 from rsepm_jax import train_step
 from rsepm_jax import visualize
@@ -116,9 +117,19 @@ def _check_finite(pending):
           "the data.")
 
 
+def step_module(config):
+  """The module whose `make_train_step` trains `config.model.arch`: `train_step` (RS+EPM: CAM,
+  RecurSeed, mixing) or `seg_train_step` (the DeepLab networks on the masks of the train split,
+  e.g. the pseudo labels of `data.train_mask_dir`)."""
+  return train_step if config.model.arch == "rsepm" else seg_train_step
+
+
 @records.logs_bad_files
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_config_change=False):
   """Trains per `config`, checkpointing to and resuming from `workdir`; returns final results.
+
+  RS+EPM trains weakly supervised (`train_step`), the DeepLab networks fully supervised on the
+  train split's masks (`seg_train_step`; `data.train_mask_dir` points them at pseudo labels).
 
   The config is validated before `workdir` is touched. A resume compares it with the config
   saved with the checkpoint and refuses changes of the network or the schedule (naming the
@@ -169,9 +180,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_co
   start_step = int(state["step"])
 
   # ------------------------------------------------------------------ step and loop
-  step_fn = train_step.make_train_step(model, tx, config, mesh, total_steps, steps_per_epoch)
+  step_fn = step_module(config).make_train_step(model, tx, config, mesh, total_steps,
+                                                 steps_per_epoch)
   writer = metric_writer.MetricWriter(workdir, start_step, config.train.tensorboard)
-  pictures = visualize.TrainingPictures(model, config, mesh, steps_per_epoch)
+  # The pictures show RS+EPM's CAMs, seeds and mixed batch: none for the DeepLab networks.
+  pictures = (visualize.TrainingPictures(model, config, mesh, steps_per_epoch)
+              if config.model.arch == "rsepm" else None)
   progress = Progress(writer, total_steps, config.train.global_batch_size, start_step, data_iter)
   step_rng = parallel.replicate(step_rng, mesh)
   pending = []
@@ -206,13 +220,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_co
                         "continue.", step)
         return {"preempted_at_step": step}
       if config.train.eval_every and step % config.train.eval_every == 0 and not is_last:
-        pictures.write(writer, step, state, batch, step_rng)
+        if pictures:
+          pictures.write(writer, step, state, batch, step_rng)
         _evaluate_and_report(model, state, config, mesh, workdir, step, writer)
   manager.wait_until_finished()
   _check_finite(pending)
 
   # ------------------------------------------------------------------ final evaluation
-  if start_step < total_steps:
+  if start_step < total_steps and pictures:
     pictures.write(writer, total_steps, state, batch, step_rng)
   results = _evaluate_and_report(model, state, config, mesh, workdir, total_steps, writer)
   writer.close()

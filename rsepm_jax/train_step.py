@@ -85,7 +85,7 @@ def _per_device(constant):
   return lax.pcast(constant, (DATA_AXIS,), to="varying")
 
 
-def _global_pixel_mean(local_mean, local_count):
+def global_pixel_mean(local_mean, local_count):
   """Rescales a per-device mean so that `pmean` of it is the mean over all devices' pixels."""
   total = lax.psum(local_count, DATA_AXIS)
   return local_mean * local_count * lax.axis_size(DATA_AXIS) / jnp.maximum(total, 1.0)
@@ -97,7 +97,7 @@ def _seed_losses(outputs, seeds, loss_config):
   seg = losses.segmentation_cross_entropy(outputs["seg_logits"], seeds)
   cams = image_ops.resize_bilinear(outputs["cams"], seeds.shape[1:3])
   cam = losses.cam_loss(cams, seeds, kind=loss_config.cam_kind, bg_logit=loss_config.cam_bg_logit)
-  return _global_pixel_mean(seg, valid), _global_pixel_mean(cam, valid)
+  return global_pixel_mean(seg, valid), global_pixel_mean(cam, valid)
 
 
 def mix_across_devices(rng, local, settings):
@@ -212,6 +212,39 @@ def make_loss_fns(model, config):
   return compute_loss, compute_mixed_loss
 
 
+def apply_gradients(state, loss, grads, batch_stats, terms, tx, optim_config, schedule):
+  """(new state, metrics) of one optimiser step, inside the data-axis `shard_map`.
+
+  The update of `tx`, the new `batch_stats` and the EMA of both (`optim_config`); a step with a
+  non-finite loss, gradient or result is not applied, so the state (and any checkpoint of it)
+  stays good and the host loop stops with the step number. Metrics: "loss", "non_finite",
+  "grad_norm", "lr" (`schedule` at the step taken) and "loss_<name>" for each of `terms`
+  (per-device values, averaged here).
+  """
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  new_step = state["step"] + 1
+  decay = optimizer.ema_decay(new_step, optim_config.ema_decay, optim_config.ema_ramp_steps)
+  candidate = {
+      "step": new_step,
+      "params": params,
+      "batch_stats": batch_stats,
+      "opt_state": opt_state,
+      "ema_params": optimizer.ema_update(state["ema_params"], params, decay),
+      "ema_batch_stats": optimizer.ema_update(state["ema_batch_stats"], batch_stats, decay),
+  }
+  ok = _finite(loss) & _finite(grads) & _finite(params)
+  new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), candidate, state)
+  metrics = {
+      "loss": loss,
+      "non_finite": 1.0 - ok.astype(jnp.float32),
+      "grad_norm": optax.global_norm(grads),
+      "lr": schedule(state["step"]),
+      **{f"loss_{name}": lax.pmean(value, DATA_AXIS) for name, value in terms.items()},
+  }
+  return new_state, metrics
+
+
 def make_train_step(model, tx, config, mesh, total_steps, steps_per_epoch):
   """Returns the jitted step; `state` is donated."""
   optim, loss_config = config.optim, config.loss
@@ -253,30 +286,9 @@ def make_train_step(model, tx, config, mesh, total_steps, steps_per_epoch):
       loss = loss + mixed_loss
       grads = jax.tree.map(jnp.add, grads, mixed_grads)
       terms.update(mixed_terms)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    new_step = state["step"] + 1
-    decay = optimizer.ema_decay(new_step, optim.ema_decay, optim.ema_ramp_steps)
-    candidate = {
-        "step": new_step,
-        "params": params,
-        "batch_stats": batch_stats,
-        "opt_state": opt_state,
-        "ema_params": optimizer.ema_update(state["ema_params"], params, decay),
-        "ema_batch_stats": optimizer.ema_update(state["ema_batch_stats"], batch_stats, decay),
-    }
-    # A step with a non-finite loss, gradient or result is not applied: the state (and so any
-    # checkpoint of it) stays good, and the host loop stops with the step number.
-    ok = _finite(loss) & _finite(grads) & _finite(params)
     seed_valid = terms.pop("seed_valid", None)  # share of seed pixels not ignored
-    new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), candidate, state)
-    metrics = {
-        "loss": loss,
-        "non_finite": 1.0 - ok.astype(jnp.float32),
-        "grad_norm": optax.global_norm(grads),
-        "lr": schedule(state["step"]),
-        **{f"loss_{name}": lax.pmean(value, DATA_AXIS) for name, value in terms.items()},
-    }
+    new_state, metrics = apply_gradients(state, loss, grads, batch_stats, terms, tx, optim,
+                                         schedule)
     if seed_valid is not None:
       metrics["seed_valid_fraction"] = lax.pmean(seed_valid, DATA_AXIS)
     return new_state, metrics

@@ -18,6 +18,7 @@ from rsepm_jax import train
 from rsepm_jax.configs import coco
 from rsepm_jax.configs import demo
 from rsepm_jax.configs import voc
+from rsepm_jax.configs import voc_deeplab
 from rsepm_jax.data import pipeline
 from rsepm_jax.data import synthetic
 
@@ -41,7 +42,8 @@ def _problems(config):
 
 @pytest.mark.parametrize("module,variants", [(demo, ("", "smoke", "ablation")),
                                              (voc, ("", "r101", "smoke")),
-                                             (coco, ("", "r101", "smoke"))])
+                                             (coco, ("", "r101", "smoke")),
+                                             (voc_deeplab, ("", "smoke"))])
 def test_every_shipped_config_is_valid(module, variants):
   for variant in variants:
     config = module.get_config(variant)
@@ -99,6 +101,30 @@ def test_values_out_of_range_are_named_together():
   config = demo.get_config()
   config.data.num_classes = len(synthetic.CLASS_NAMES) + 1
   assert "config.data.synthetic: SyntheticWSSS: num_classes must be in 1.." in _problems(config)
+
+
+def test_training_masks_are_for_the_deeplab_networks_and_change_the_schedule():
+  config = demo.get_config()
+  config.data.train_mask_dir = "/pseudo_labels/train"
+  assert ("config.data.train_mask_dir='/pseudo_labels/train': expected empty for "
+          "model.arch='rsepm'" in _problems(config))
+  config.model.arch = "deeplabv3plus"
+  config.data.crop_size = 100  # the DeepLab logits are upsampled to any crop
+  config_check.validate(config)
+  assert config_check.kind_of("data.train_mask_dir") == config_check.SCHEDULE
+
+
+@pytest.mark.parametrize("arch", ["deeplabv3plus", "deeplabv2"])
+def test_the_deeplab_networks_train_and_evaluate_and_export_with_the_paper_protocol(arch):
+  config = demo.get_config()
+  config.model.arch = arch
+  config_check.check_mode(config, "train")
+  config_check.check_mode(config, "eval")  # single scale: the decoder head alone
+  with pytest.raises(config_check.ConfigError, match=rf"^--mode=export of config.model.arch="
+                     rf"'{arch}' needs --config.export.protocol=paper: "):
+    config_check.check_mode(config, "export")
+  config.export.protocol = "paper"
+  config_check.check_mode(config, "export")
 
 
 def test_a_key_unknown_to_demo_py_gets_the_closest_known_key():

@@ -12,6 +12,7 @@ from rsepm_jax import train_step
 from rsepm_jax.configs import coco
 from rsepm_jax.configs import demo
 from rsepm_jax.configs import voc
+from rsepm_jax.configs import voc_deeplab
 from rsepm_jax.data import pipeline
 from tests import test_voc
 
@@ -26,7 +27,9 @@ def _keys(config, prefix=""):
   return keys
 
 
-@pytest.mark.parametrize("module,variants", [(voc, ("", "r101", "smoke")), (coco, ("", "r101", "smoke"))])
+@pytest.mark.parametrize("module,variants", [(voc, ("", "r101", "smoke")),
+                                             (coco, ("", "r101", "smoke")),
+                                             (voc_deeplab, ("", "smoke"))])
 def test_every_variant_has_exactly_the_demo_knobs(module, variants):
   demo_keys = _keys(demo.get_config())
   for variant in variants:
@@ -90,6 +93,22 @@ def test_results_name_the_classes(make_config, names, tmp_path, caplog):
   assert len(saved["decoder"]["iou"]) == num_classes + 1
 
 
+def test_deeplab_recipe():
+  """Spec 9: DeepLabv3+ R101 OS8, low-level 48; PuzzleCAM's recipe (spec 7.2)."""
+  config = voc_deeplab.get_config()
+  model, optim, data = config.model, config.optim, config.data
+  assert (model.arch, model.backbone, model.output_stride, model.low_level_channels) == (
+      "deeplabv3plus", "resnet101", 8, 48)
+  assert (config.train.global_batch_size, config.train.num_epochs) == (32, 50)
+  assert (optim.lr, optim.weight_decay, optim.nesterov, optim.poly_power) == (
+      0.007, 4e-5, True, 0.9)
+  assert (optim.lr_backbone_weight, optim.lr_backbone_bias, optim.lr_new_weight,
+          optim.lr_new_bias) == (1.0, 2.0, 10.0, 20.0)
+  assert (tuple(data.resize_range), data.crop_size, data.train_split) == ((256, 1024), 512,
+                                                                           "train_aug")
+  assert (config.eval.protocol, config.export.protocol) == ("paper", "paper")
+
+
 def test_class_count_mismatch_names_the_key():
   config = voc.get_config()
   config.data.num_classes = 21
@@ -97,7 +116,7 @@ def test_class_count_mismatch_names_the_key():
     evaluate.class_names(config)
 
 
-@pytest.mark.parametrize("module", [voc, coco, demo])
+@pytest.mark.parametrize("module", [voc, coco, demo, voc_deeplab])
 def test_unknown_variant_is_a_clear_error(module):
   with pytest.raises(ValueError, match="unknown variant 'typo'"):
     module.get_config("typo")

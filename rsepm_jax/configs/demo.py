@@ -32,6 +32,8 @@ def get_config(arg=None):
   config.data.eval_split = "val"  # split evaluated during and after training
   config.data.num_classes = 6  # foreground classes C (VOC 20, COCO 80)
   config.data.mask_dir = "SegmentationClassAug"  # VOC mask folder under root
+  # deeplab* only: train on <dir>/<id>.png (e.g. --mode=export's pseudo labels) instead of GT masks
+  config.data.train_mask_dir = ""
   config.data.crop_size = 96  # train crop S (spec 7.2: 512)
   config.data.resize_range = (80, 112)  # random long-side resize range, inclusive (spec: 320-640)
   config.data.hflip = True  # random horizontal flip, p = 0.5
@@ -53,8 +55,8 @@ def get_config(arg=None):
 
   # ---------------------------------------------------------------------------- model
   config.model = ml_collections.ConfigDict()
-  # rsepm: the single-stage network (train, eval, export, predict) | deeplabv3plus | deeplabv2:
-  # the multi-stage segmentation networks (spec 9; eval, export and predict of official weights)
+  # rsepm: the single-stage network | deeplabv3plus | deeplabv2: the multi-stage segmentation
+  # networks (spec 9), trained fully supervised on data.train_mask_dir (configs/voc_deeplab.py)
   config.model.arch = "rsepm"
   config.model.backbone = "tiny"  # resnet50 | resnet101 | tiny (1 block per stage)
   config.model.backbone_width = 8  # tiny only: stem width (C5 has 32x this many channels)
@@ -199,7 +201,8 @@ def get_config(arg=None):
   config.export.split = "train"  # --mode=export writes pseudo labels of this split
   config.export.bg_threshold = 0.45  # constant background score before the argmax (spec 8.1)
   # "single": one scale, constant bg_threshold | "paper": MS + flip, GT tags, background of
-  # config.inference, dense CRF if export.crf (spec 8.1; resumable: written PNGs are kept)
+  # config.inference, dense CRF if export.crf (spec 8.1; resumable: written PNGs are kept) |
+  # "confident": IRNet's affinity labels of the paper's seeds (config.affinity; resumable)
   config.export.protocol = "single"
   config.export.crf = True  # "paper": dense CRF before the argmax
 
@@ -216,6 +219,21 @@ def get_config(arg=None):
   # pooling then see the padding); 0: exact sizes, as the official code.
   config.inference.size_bucket = 0
   config.inference.max_batch = 4  # images of one view shape per device call
+
+  # ---------------------------------------------------------------------------- affinity labels
+  config.affinity = ml_collections.ConfigDict()
+  config.affinity.fg_threshold = 0.30  # confident foreground: a seed beats this background (IRNet)
+  config.affinity.bg_threshold = 0.05  # confident background: no seed beats this (IRNet)
+  config.affinity.crf = True  # both label maps through IRNet's label-mode dense CRF
+  config.affinity.radius = 10  # pair radius of the affinity loss (IRNet training: 10)
+
+  # ---------------------------------------------------------------------------- random walk
+  config.rw = ml_collections.ConfigDict()
+  config.rw.radius = 5  # random-walk neighbourhood radius on the stride-4 grid (IRNet: 5)
+  config.rw.beta = 10.0  # affinity exponent (IRNet: 10)
+  config.rw.exp_times = 8  # the walk takes 2^exp_times steps (IRNet: 8)
+  config.rw.bg_threshold = 0.25  # constant background score before the argmax (IRNet: 0.25)
+  config.rw.edge_size = 512  # edge map: image and flip zero-padded to this side (official: 512)
 
   if variant == "ablation":
     # Sized for 3 seeds x every row in about an hour on 2 cores, with a CAM well above chance:

@@ -116,11 +116,13 @@ def train_iterator(data_config, global_batch_size, seed, process_index=None,
 
   Batches: `image` uint8 [b, S, S, 3], `mask` uint8 [b, S, S], `labels` float32 [b, C],
   `crop_box` int32 [b, 4], with b = global_batch_size / process_count and S =
-  `data.crop_size`. Returns a grain `DatasetIterator` (call `close()` when done).
+  `data.crop_size`; masks from `data.train_mask_dir` when set (`sources.with_train_masks`).
+  Returns a grain `DatasetIterator` (call `close()` when done).
   """
   process_index, process_count = _resolve_processes(process_index, process_count)
   local_batch_size = _local_batch_size(global_batch_size, process_count)
-  source = sources.make_source(data_config, data_config.train_split)
+  source = sources.with_train_masks(
+      data_config, sources.make_source(data_config, data_config.train_split))
   if not len(source):
     raise ValueError(f"The train split {data_config.train_split!r} of dataset "
                      f"{data_config.name!r} is empty.")

@@ -1,7 +1,8 @@
 """Pre-flight check of every split a run will read, before its first step.
 
 A bad file found by the final evaluation after 30 epochs costs the whole run, so training
-checks its train and evaluation splits first, `--mode=eval` its evaluation split and
+checks its train and evaluation splits first (the train split with its masks from
+`data.train_mask_dir` when that is set), `--mode=eval` its evaluation split and
 `--mode=export` its export split (`check_splits`). For sources of files (VOC, COCO), every
 record is checked: the listed image and mask exist (from the directory listings the source made
 at construction), the image header is readable, the mask decodes with values in 0..C or 255 and
@@ -51,9 +52,15 @@ def check_splits(data_config, *, train=(), evaluated=()):
   """
   start = time.perf_counter()
   num_records, bad, too_large = 0, [], []
-  for split in dict.fromkeys((*train, *evaluated)):
-    max_size = data_config.eval_size if split in evaluated else None
-    checked = _check_split(data_config, split, max_size, jax.process_index(), jax.process_count())
+  # (split, read with the masks of data.train_mask_dir): a train split with such masks is also
+  # checked with its ground truth when it is evaluated.
+  train_masks = bool(data_config.get("train_mask_dir"))
+  reads = dict.fromkeys([(split, train_masks) for split in train]
+                        + [(split, False) for split in evaluated])
+  for split, with_train_masks in reads:
+    max_size = data_config.eval_size if split in evaluated and not with_train_masks else None
+    checked = _check_split(data_config, split, max_size, jax.process_index(), jax.process_count(),
+                           with_train_masks)
     if checked is None:
       continue
     source, errors, large = checked
@@ -94,10 +101,14 @@ def _stop_every_host_if_one_found_bad_data(found_here):
         "in their logs); this host's share is clean. Every host stops.", [])
 
 
-def _check_split(data_config, split, max_size, process_index=0, process_count=1):
+def _check_split(data_config, split, max_size, process_index=0, process_count=1,
+                 train_masks=False):
   """(source, [BadRecordError], [(path, (H, W)) larger than `max_size`]) of one split (a file
-  source: this host's share of its records), or None when there is nothing to check."""
+  source: this host's share of its records), or None when there is nothing to check.
+  `train_masks`: with the masks of `data.train_mask_dir` (`sources.with_train_masks`)."""
   source = sources.make_source(data_config, split)
+  if train_masks:
+    source = sources.with_train_masks(data_config, source)
   if isinstance(source, records.FileRecordSource):
     return _check_files(source, split, max_size, range(process_index, len(source), process_count))
   if isinstance(source, records.RecordSource):
