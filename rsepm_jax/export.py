@@ -8,10 +8,17 @@
   "paper"   the paper's pseudo labels: `paper_eval.predict_label` on each image at its own size
             (multi-scale + flip over `config.inference`, the classes of the GT tags, the
             background of `config.inference.background`, the dense CRF with `config.export.crf`).
-            Resumable: an image whose PNG exists is skipped without running the network.
+  "confident"  the affinity labels of the multi-stage pipeline (components spec D.2; IRNet's
+            `cam_to_ir_label`): the single-stage multi-scale + flip seeds of the GT tags
+            (`single_stage_seeds`) through `affinity_labels.confident_labels` with
+            `config.affinity` (fg_threshold, bg_threshold, crf): 0 confident background, c + 1
+            confident class c, 255 unsure.
+"paper" and "confident" are resumable (`write_missing_labels`): an image whose PNG exists is
+skipped without running the network.
 Labels: 0 background, c + 1 class c. Written as VOC palette PNGs of the image's own size to
-`workdir/pseudo_labels/<split>/<id>.png` (atomically: `visualize.save_png`), each host its own
-share of the split (`pipeline.eval_batches`: records `process_index::process_count`).
+`workdir/pseudo_labels/<split>/<id>.png` ("confident": `workdir/confident_labels/...`),
+atomically (`visualize.save_png`), each host its own share of the split
+(`pipeline.eval_batches`: records `process_index::process_count`).
 """
 import contextlib
 
@@ -23,6 +30,7 @@ import numpy as np
 
 from rsepm_jax import config_check
 from rsepm_jax import evaluate
+from rsepm_jax import inference
 from rsepm_jax import metric_writer
 from rsepm_jax import metrics
 from rsepm_jax import paper_eval
@@ -32,7 +40,10 @@ from rsepm_jax import visualize
 from rsepm_jax.data import pipeline
 from rsepm_jax.data import preflight
 from rsepm_jax.data import records
+from rsepm_jax.refine import affinity_labels
 from rsepm_jax.train_step import model_inputs
+
+_confident_labels = jax.jit(affinity_labels.confident_labels)  # one compilation per size
 
 
 def pseudo_labels(seg_logits, labels, crop_box, size, bg_threshold):
@@ -69,11 +80,15 @@ def _export_single(model, variables, config, split, mesh, out_dir, progress):
   return written
 
 
-def write_paper_labels(model, variables, config, batches, out_dir, progress=None):
-  """The "paper" protocol: (written, skipped as already written) over the valid records of host
-  `batches` (`pipeline.eval_batches` dicts: image uint8 `[b, S, S, 3]`, labels `[b, C]`,
-  crop_box `[b, 4]` = (0, 0, h, w), valid `[b]`, id `[b]`); `progress` advances by
-  `config.eval.global_batch_size` per batch."""
+def write_missing_labels(batches, out_dir, label_images, progress=None, progress_step=0):
+  """The resumable protocols' loop: (written, skipped as already written) over the valid
+  records of host `batches` (`pipeline.eval_batches` dicts: image uint8 `[b, S, S, 3]`, labels
+  `[b, C]`, crop_box `[b, 4]` = (0, 0, h, w), valid `[b]`, id `[b]`).
+
+  Per batch, the images whose `out_dir/<id>.png` does not exist are cropped to their box and
+  labelled together by `label_images(images, tags)` (uint8 RGB `[H_i, W_i, 3]` and bool `[C]`
+  lists -> uint8 `[H_i, W_i]` list), then saved; `progress` advances by `progress_step` per
+  batch (every host's share)."""
   written = skipped = 0
   for batch in batches:
     paths, images, tags = [], [], []
@@ -85,15 +100,63 @@ def write_paper_labels(model, variables, config, batches, out_dir, progress=None
       top, left, bottom, right = (int(v) for v in batch["crop_box"][i])
       paths.append(path)
       images.append(np.asarray(batch["image"][i, top:bottom, left:right]))
-      tags.append(batch["labels"][i] > 0)
-    labels = paper_eval.predict_labels(model, variables, images, config, tags,
-                                       use_crf=config.export.crf)
-    for path, label in zip(paths, labels):
-      visualize.save_png(label, path)
+      tags.append(np.asarray(batch["labels"][i]) > 0)
+    if paths:
+      for path, label in zip(paths, label_images(images, tags)):
+        visualize.save_png(label, path)
     written += len(paths)
     if progress is not None:
-      progress.advance(config.eval.global_batch_size)
+      progress.advance(progress_step)
   return written, skipped
+
+
+def single_stage_seeds(model, variables, images, tags, settings):
+  """float32 `[H_i, W_i, C]` seeds of uint8 RGB `images [H_i, W_i, 3]`: the single-stage network's
+  multi-scale + flip decoder foreground (`inference.multiscale_many` with `config.inference`
+  `settings`), each class divided by its maximum (+1e-5), the classes outside `tags[i]` (bool
+  `[C]`) 0 (spec 8.1 steps 1-3 with the GT tags)."""
+  all_scores = inference.multiscale_many(model, variables, images, tuple(settings.scales),
+                                         settings.hflip, settings.size_bucket, settings.max_batch)
+  seeds = []
+  for scores, image_tags in zip(all_scores, tags):
+    if scores["stage2"]:
+      raise ValueError("The multi-stage seeds come from the single-stage RS+EPM network "
+                       "(config.model.arch='rsepm'); a stage-2 network has none.")
+    seeds.append(inference.segment(scores["pred_mask"], scores["pred_class"], image_tags,
+                                   bg_threshold=0.0)["probs"][..., 1:])
+  return seeds
+
+
+def write_paper_labels(model, variables, config, batches, out_dir, progress=None):
+  """The "paper" protocol by `write_missing_labels` (`paper_eval.predict_labels`, the CRF with
+  `config.export.crf`); `progress` advances by `config.eval.global_batch_size` per batch."""
+  def label_images(images, tags):
+    return paper_eval.predict_labels(model, variables, images, config, tags,
+                                     use_crf=config.export.crf)
+  return write_missing_labels(batches, out_dir, label_images, progress,
+                              config.eval.global_batch_size)
+
+
+def confident_label_maps(model, variables, images, tags, config):
+  """uint8 `[H_i, W_i]` confident labels (0 background, c + 1 class c, 255 unsure) of uint8 RGB
+  `images [H_i, W_i, 3]` with GT `tags` (bool `[C]` each): `single_stage_seeds` through
+  `affinity_labels.confident_labels` with `config.affinity`, one image per call (one compilation
+  per size)."""
+  seeds = single_stage_seeds(model, variables, images, tags, config.inference)
+  settings = config.affinity
+  return [np.asarray(_confident_labels(
+      image_seeds[None], settings.fg_threshold, settings.bg_threshold,
+      image[None] if settings.crf else None, np.asarray(image_tags)[None]))[0].astype(np.uint8)
+          for image, image_seeds, image_tags in zip(images, seeds, tags)]
+
+
+def write_confident_labels(model, variables, config, batches, out_dir, progress=None):
+  """The "confident" protocol by `write_missing_labels` (`confident_label_maps`); `progress`
+  advances by `config.eval.global_batch_size` per batch."""
+  def label_images(images, tags):
+    return confident_label_maps(model, variables, images, tags, config)
+  return write_missing_labels(batches, out_dir, label_images, progress,
+                              config.eval.global_batch_size)
 
 
 @records.logs_bad_files
@@ -105,19 +168,24 @@ def export_pseudo_labels(config, workdir, step=None, split=None, allow_config_ch
   config_check.check_mode(config, "export")
   if config.model.arch == "rsepm" and not config.model.with_decoder:
     raise ValueError("--mode=export needs the decoder (config.model.with_decoder=True).")
+  if config.export.protocol == "confident" and config.model.arch != "rsepm":
+    raise ValueError("--config.export.protocol=confident labels the seeds of the single-stage "
+                     f"network (config.model.arch='rsepm'), not {config.model.arch!r}.")
   mesh = parallel.make_mesh()
   model, variables, step = train.restore_for_inference(config, workdir, mesh, step,
                                                        allow_config_change)
   preflight.check_splits(config.data, evaluated=(split,))
   metric_writer.log_to_file(workdir)
-  out_dir = epath.Path(workdir) / "pseudo_labels" / split
+  folder = "confident_labels" if config.export.protocol == "confident" else "pseudo_labels"
+  out_dir = epath.Path(workdir) / folder / split
   out_dir.mkdir(parents=True, exist_ok=True)
   progress = metric_writer.CountProgress(f"export {split}",
                                          pipeline.num_records(config.data, split))
-  if config.export.protocol == "paper":
+  if config.export.protocol in ("paper", "confident"):
+    write = write_paper_labels if config.export.protocol == "paper" else write_confident_labels
     batches = iter(pipeline.eval_batches(config.data, split, config.eval.global_batch_size))
     with contextlib.closing(batches):  # grain's read threads stop even when an image fails
-      written, skipped = write_paper_labels(model, variables, config, batches, out_dir, progress)
+      written, skipped = write(model, variables, config, batches, out_dir, progress)
     logging.info("Export %s: skipped %d already written.", split, skipped)
   else:
     written = _export_single(model, variables, config, split, mesh, out_dir, progress)

@@ -206,8 +206,6 @@ _ASPP_BRANCHES = ((re.compile(r"^aspp/branch_3x3_(\d+)$"), 2),
                   (re.compile(r"^aspp/branch_(\d+)$"), 1))
 # Keys a backbone-only checkpoint lacks.
 _OFFICIAL_HEADS = ("classifier.", "aspp.", "decoder.", "fc_edge")
-# `networks.ARCH_NAMES` and the boundary network's.
-_ARCH_NAMES = {**networks.ARCH_NAMES, affinity.ARCH: affinity.ARCH_NAME}
 # Config keys read off an official checkpoint for errors: (key, tensor, its output channels less
 # this many; the stage-2 logits count the background).
 _OFFICIAL_SIZES = (("data.num_classes", "classifier.weight", 0),
@@ -315,7 +313,7 @@ def _from_official_layout(state_dict, template, where):
   arch, found = official_arch(expected), official_arch(state_dict)
   if found not in (None, arch):
     raise WeightsError(
-        f"{where}: this looks like an official {_ARCH_NAMES[found]} checkpoint "
+        f"{where}: this looks like an official {networks.ARCH_NAMES[found]} checkpoint "
         f"(config.model.arch={arch!r}); set --config.model.arch={found}.")
   if arch == affinity.ARCH:
     state_dict = _affinity_weights(state_dict, where)
@@ -337,7 +335,7 @@ def _from_official_layout(state_dict, template, where):
         sizes.setdefault(name, np.shape(state_dict[key])[0] - background)
     built = ", ".join(f"{name}={size}" for name, size in sizes.items())
     raise WeightsError(
-        f"{where} does not fit the configured {_ARCH_NAMES[arch]} model "
+        f"{where} does not fit the configured {networks.ARCH_NAMES[arch]} model "
         f"({'; '.join(problems)}). Check {_SHAPING_KEYS[arch]} against the checkpoint"
         f"{f' (it has {built})' if built else ''}.")
   flat = {}
@@ -482,7 +480,7 @@ def load_into(variables, path, depth):
   loaded = {collection: dict(tree) for collection, tree in variables.items()}
   if is_official(arrays):
     logging.info("%s is an official %s checkpoint: loading the whole model.", path,
-                 _ARCH_NAMES[official_arch(arrays)])
+                 networks.ARCH_NAMES[official_arch(arrays)])
     official = _from_official_layout(arrays, variables, str(path))
     for collection in ("params", "batch_stats"):
       loaded[collection] = jax.tree.map(lambda new, old: np.asarray(new, old.dtype),
@@ -521,7 +519,7 @@ def convert_file(src, dst, depth=50):
               if not key.endswith("num_batches_tracked")}
     _write_arrays(dst, arrays)
     print(f"Wrote the {len(arrays)} tensors of an official "
-          f"{_ARCH_NAMES[official_arch(arrays)]} checkpoint to {dst} "
+          f"{networks.ARCH_NAMES[official_arch(arrays)]} checkpoint to {dst} "
           "(for config.model.init_from)")
     return
   variables = from_torchvision(state_dict, depth, str(src))  # raises on a missing key or depth
