@@ -263,13 +263,17 @@ def validate(config, reads_data=True):
 def check_mode(config, mode):
   """Raises `ConfigError` (one line) when `--mode=mode` cannot run `config.model.arch`.
 
-  Every network trains and evaluates (the multi-stage ones, deeplabv3plus and deeplabv2, on their
-  decoder alone); their export needs the "paper" protocol (spec 8.1, 9): the "single" one is
-  RS+EPM's pseudo-label rule.
+  Every segmentation network trains and evaluates (the multi-stage ones, deeplabv3plus and
+  deeplabv2, on their decoder alone); their export needs the "paper" protocol (spec 8.1, 9): the
+  "single" one is RS+EPM's pseudo-label rule. The boundary network ("affinity") only trains.
   """
   arch = config.model.arch
   if arch == "rsepm" or arch not in networks.ARCHS:  # `validate` names an unknown arch
     return
+  if arch == "affinity" and mode != "train":
+    raise ConfigError(
+        f"--mode={mode} of config.model.arch='affinity': the random walk's boundary network "
+        "segments nothing; it trains (configs/voc_rw.py) and serves python -m rsepm_jax.pipeline.")
   if mode == "export" and config[mode].protocol == "single":
     raise ConfigError(
         f"--mode={mode} of config.model.arch={arch!r} needs --config.{mode}.protocol=paper: the "

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 
+from rsepm_jax import config_check
 from rsepm_jax import evaluate
 from rsepm_jax import inference
 from rsepm_jax import metric_writer
@@ -128,6 +129,7 @@ def predict(config, workdir, inputs, output=None, step=None, allow_config_change
 
   Returns (number of images written by this process, paths of the files skipped as unreadable).
   """
+  config_check.check_mode(config, "predict")
   settings = config.inference
   files = input_files(inputs)
   names = evaluate.class_names(config)

@@ -14,6 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from rsepm_jax import affinity_train_step
 from rsepm_jax import checkpoint
 from rsepm_jax import config_check
 from rsepm_jax import evaluate
@@ -119,9 +120,11 @@ def _check_finite(pending):
 
 def step_module(config):
   """The module whose `make_train_step` trains `config.model.arch`: `train_step` (RS+EPM: CAM,
-  RecurSeed, mixing) or `seg_train_step` (the DeepLab networks on the masks of the train split,
+  RecurSeed, mixing), `affinity_train_step` (the boundary network of the random walk, on
+  confident labels) or `seg_train_step` (the DeepLab networks on the masks of the train split,
   e.g. the pseudo labels of `data.train_mask_dir`)."""
-  return train_step if config.model.arch == "rsepm" else seg_train_step
+  return {"rsepm": train_step, "affinity": affinity_train_step}.get(config.model.arch,
+                                                                    seg_train_step)
 
 
 @records.logs_bad_files
@@ -265,6 +268,8 @@ def write_done(workdir, step, results):
 
 
 def _evaluate_and_report(model, state, config, mesh, workdir, step, writer):
+  if config.model.arch == "affinity":  # no segmentation: the random walk scores its use
+    return {}
   variables = state_lib.eval_variables(state, config.eval.use_ema)
   results = evaluate.evaluate(model, variables, config, mesh)
   evaluate.report(results, config, workdir, step)

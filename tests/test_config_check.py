@@ -19,6 +19,7 @@ from rsepm_jax.configs import coco
 from rsepm_jax.configs import demo
 from rsepm_jax.configs import voc
 from rsepm_jax.configs import voc_deeplab
+from rsepm_jax.configs import voc_rw
 from rsepm_jax.data import pipeline
 from rsepm_jax.data import synthetic
 
@@ -43,7 +44,8 @@ def _problems(config):
 @pytest.mark.parametrize("module,variants", [(demo, ("", "smoke", "ablation")),
                                              (voc, ("", "r101", "smoke")),
                                              (coco, ("", "r101", "smoke")),
-                                             (voc_deeplab, ("", "smoke"))])
+                                             (voc_deeplab, ("", "smoke")),
+                                             (voc_rw, ("", "smoke"))])
 def test_every_shipped_config_is_valid(module, variants):
   for variant in variants:
     config = module.get_config(variant)

@@ -283,6 +283,12 @@ def test_modes_of_the_stage2_networks(arch, tmp_path):
   config.eval.protocol = config.export.protocol = "single"
   for mode in ("train", "eval", "export"):
     config_check.check_mode(config, mode)
+  config.model.arch = "affinity"  # the random walk's boundary network only trains
+  config_check.check_mode(config, "train")
+  for mode in ("eval", "export", "predict"):
+    with pytest.raises(config_check.ConfigError, match=f"--mode={mode} of config.model.arch="
+                       "'affinity': the random walk's boundary network segments nothing"):
+      config_check.check_mode(config, mode)
 
 
 def test_unknown_arch_is_refused():
@@ -290,5 +296,5 @@ def test_unknown_arch_is_refused():
   config.model.arch = "deeplabv4"
   with pytest.raises(config_check.ConfigError,
                      match=r"config.model.arch='deeplabv4': expected one of \('rsepm', "
-                     r"'deeplabv3plus', 'deeplabv2'\)"):
+                     r"'deeplabv3plus', 'deeplabv2', 'affinity'\)"):
     config_check.validate(config)

@@ -1,5 +1,6 @@
-"""`python -m rsepm_jax.pipeline`: the chain RS+EPM -> pseudo labels -> DeepLab -> paper eval on
-the synthetic data with tiny networks; an interrupted chain continues with the next stage."""
+"""`python -m rsepm_jax.pipeline`: the chain RS+EPM -> confident labels -> boundary network ->
+random walk -> DeepLab -> paper eval on the synthetic data with tiny networks; an interrupted
+chain continues with the next stage; without the random walk DeepLab takes the paper's labels."""
 import json
 import logging
 
@@ -11,57 +12,81 @@ from rsepm_jax import config_check
 from rsepm_jax import pipeline
 from rsepm_jax.configs import demo
 
+NUM_TRAIN, NUM_EVAL = 16, 8
+
+
+def smoke(**overrides):
+  config = demo.get_config("smoke")
+  config.data.synthetic.num_train, config.data.synthetic.num_eval = NUM_TRAIN, NUM_EVAL
+  config.inference.scales = (1.0, 0.5)
+  config.export.crf = config.eval.crf = config.affinity.crf = False  # the CRF has its own tests
+  config.rw.edge_size = 32
+  for key, value in overrides.items():
+    section, name = key.split("__")
+    config[section][name] = value
+  return config
+
 
 def chain_configs():
-  config = demo.get_config("smoke")
-  config.data.synthetic.num_train, config.data.synthetic.num_eval = 16, 8
-  config.inference.scales = (1.0, 0.5)
-  config.export.crf = False  # the CRF has its own tests; it would double the export's time
-  seg_config = demo.get_config("smoke")
-  seg_config.data.synthetic.num_train, seg_config.data.synthetic.num_eval = 16, 8
-  seg_config.model.arch = "deeplabv3plus"
-  seg_config.inference.scales = (1.0,)
-  seg_config.eval.crf = False
-  return config, seg_config
+  rw_config = smoke(model__arch="affinity", affinity__radius=3, optim__lr_backbone_weight=0.0,
+                    optim__lr_backbone_bias=0.0, loss__rs_start_epoch=0, loss__mix_start_epoch=0)
+  return smoke(), rw_config, smoke(model__arch="deeplabv3plus", inference__scales=(1.0,))
+
+
+def pngs(folder):
+  files = sorted(folder.glob("*.png"))
+  return files, set(np.unique(np.concatenate([np.asarray(Image.open(p)).ravel() for p in files])))
 
 
 def test_the_chain_runs_every_stage_and_continues_after_an_interruption(tmp_path, caplog):
-  config, seg_config = chain_configs()
+  config, rw_config, seg_config = chain_configs()
   workdir = tmp_path / "chain"
   caplog.set_level(logging.INFO)
-  # The first run stops after the export, as a preempted pipeline would.
-  assert pipeline.run(config, seg_config, str(workdir), ("rsepm", "export")) == {}
-  assert (workdir / "rsepm" / "done.json").exists()
-  labels = sorted((workdir / "rsepm" / "pseudo_labels" / "train").glob("*.png"))
-  assert len(labels) == 16
-  assert json.loads((workdir / "export_done.json").read_text())["pngs"] == 16
-  values = np.unique(np.concatenate([np.asarray(Image.open(p)).ravel() for p in labels]))
-  assert set(values.tolist()) <= set(range(config.data.num_classes + 1)) and values.max() > 0
-  assert not (workdir / "deeplab").exists()
+  classes = set(range(config.data.num_classes + 1))
+  # The first run stops after the boundary network, as a preempted pipeline would.
+  stages = ("rsepm", "confident", "affinity")
+  assert pipeline.run(config, seg_config, str(workdir), stages, rw_config) == {}
+  for stage in ("rsepm", "affinity"):
+    assert (workdir / stage / "done.json").exists()
+  files, values = pngs(workdir / "rsepm" / "confident_labels" / "train")
+  assert len(files) == NUM_TRAIN and values <= classes | {255}
+  assert json.loads((workdir / "confident_done.json").read_text())["pngs"] == NUM_TRAIN
+  assert not (workdir / "random_walk").exists() and not (workdir / "deeplab").exists()
 
   caplog.clear()
-  results = pipeline.run(config, seg_config, str(workdir))  # the same command again
-  assert "RS+EPM training is complete" in caplog.text
-  assert "the pseudo-label export is complete" in caplog.text
-  done = json.loads((workdir / "deeplab" / "done.json").read_text())
+  results = pipeline.run(config, seg_config, str(workdir), rw_config=rw_config)  # the same command
+  for stage in stages:
+    assert f"stage {stage} is complete" in caplog.text
+  files, values = pngs(workdir / "random_walk" / "train")
+  assert len(files) == NUM_TRAIN and values <= classes
   saved = json.loads((workdir / "deeplab" / "config.json").read_text())
-  assert saved["data"]["train_mask_dir"] == str(workdir / "rsepm" / "pseudo_labels" / "train")
-  assert results["num_images"] == 8 and 0 <= results["paper"]["miou"] <= 1
-  assert (workdir / "deeplab" / "eval" / f"step_{done['step']}_paper.json").exists()
+  assert saved["data"]["train_mask_dir"] == str(workdir / "random_walk" / "train")
+  assert results["num_images"] == NUM_EVAL and 0 <= results["paper"]["miou"] <= 1
+  step = json.loads((workdir / "deeplab" / "done.json").read_text())["step"]
+  assert (workdir / "deeplab" / "eval" / f"step_{step}_paper.json").exists()
+  assert not (workdir / "rsepm" / "pseudo_labels").exists()  # the random walk replaces it
 
   caplog.clear()
-  assert pipeline.run(config, seg_config, str(workdir)) == {}  # complete: nothing runs again
-  for what in ("RS+EPM training", "DeepLab training", "the paper-protocol evaluation"):
-    assert f"{what} is complete" in caplog.text
+  assert pipeline.run(config, seg_config, str(workdir), rw_config=rw_config) == {}  # all done
+  for stage in ("rsepm", "confident", "affinity", "random_walk", "deeplab", "eval"):
+    assert f"stage {stage} is complete" in caplog.text
+
+  # Without the random walk, the export stage writes the paper's labels for DeepLab.
+  assert pipeline.run(config, seg_config, str(workdir), ("rsepm", "export")) == {}
+  files, values = pngs(workdir / "rsepm" / "pseudo_labels" / "train")
+  assert len(files) == NUM_TRAIN and values <= classes
 
 
 def test_the_chain_refuses_mismatched_configs(tmp_path):
-  config, seg_config = chain_configs()
+  config, rw_config, seg_config = chain_configs()
   seg_config.model.arch = "rsepm"
   with pytest.raises(config_check.ConfigError, match="trains deeplabv3plus or deeplabv2"):
     pipeline.run(config, seg_config, str(tmp_path))
-  seg_config.model.arch, seg_config.data.train_split = "deeplabv2", "val"
-  with pytest.raises(config_check.ConfigError, match="train_split='val' but the pseudo labels"):
-    pipeline.run(config, seg_config, str(tmp_path))
+  seg_config.model.arch = "deeplabv2"
+  with pytest.raises(config_check.ConfigError, match="boundary network is 'affinity'"):
+    pipeline.run(config, seg_config, str(tmp_path), rw_config=seg_config)
+  seg_config.data.train_split = "val"
+  with pytest.raises(config_check.ConfigError, match="train_split='val' but the labels"):
+    pipeline.run(config, seg_config, str(tmp_path), rw_config=rw_config)
   with pytest.raises(config_check.ConfigError, match="unknown \\['rw'\\]"):
-    pipeline.run(config, chain_configs()[1], str(tmp_path), ("rw",))
+    pipeline.run(config, chain_configs()[2], str(tmp_path), ("rw",))
