@@ -16,6 +16,7 @@ from rsepm_jax import parallel
 from rsepm_jax import state as state_lib
 from rsepm_jax import train
 from rsepm_jax.configs import coco
+from rsepm_jax.configs import coco_deeplab
 from rsepm_jax.configs import demo
 from rsepm_jax.configs import voc
 from rsepm_jax.configs import voc_deeplab
@@ -45,7 +46,8 @@ def _problems(config):
                                              (voc, ("", "r101", "smoke")),
                                              (coco, ("", "r101", "smoke")),
                                              (voc_deeplab, ("", "smoke")),
-                                             (voc_rw, ("", "smoke"))])
+                                             (voc_rw, ("", "smoke")),
+                                             (coco_deeplab, ("", "smoke"))])
 def test_every_shipped_config_is_valid(module, variants):
   for variant in variants:
     config = module.get_config(variant)

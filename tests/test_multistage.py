@@ -29,7 +29,7 @@ def smoke(**overrides):
 
 def chain_configs():
   rw_config = smoke(model__arch="affinity", affinity__radius=3, optim__lr_backbone_weight=0.0,
-                    optim__lr_backbone_bias=0.0, loss__rs_start_epoch=0, loss__mix_start_epoch=0)
+                    optim__lr_backbone_bias=0.0)
   return smoke(), rw_config, smoke(model__arch="deeplabv3plus", inference__scales=(1.0,))
 
 

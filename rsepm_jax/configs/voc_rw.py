@@ -51,7 +51,6 @@ def get_config(arg=None):
   config.train.num_epochs = 3
   config.train.eval_every = 0
   config.affinity.radius = 10
-  config.loss.rs_start_epoch = config.loss.mix_start_epoch = 0  # RS+EPM's phases: unused here
 
   if variant == "smoke":
     config.model.backbone = "tiny"
