@@ -25,6 +25,9 @@
 #   RSEPM_SHUTDOWN_TIMEOUT=60    seconds a finishing process waits for the others
 #   DEVICES_PER_PROCESS=2        CPU devices per process (JAX_NUM_CPU_DEVICES)
 #   PORT=<random>                coordinator port on localhost
+#   MODULE=rsepm_jax.main        the command every process runs; rsepm_jax.pipeline runs the
+#                                multi-stage chain (give it --rw_config / --seg_config after the
+#                                workdir)
 set -euo pipefail
 
 if [[ $# -lt 3 || ! $1 =~ ^[1-9][0-9]*$ ]]; then
@@ -64,7 +67,7 @@ for ((rank = 0; rank < num; rank++)); do
     RSEPM_SHUTDOWN_TIMEOUT="${RSEPM_SHUTDOWN_TIMEOUT:-60}" \
     JAX_PLATFORMS=cpu JAX_NUM_CPU_DEVICES="${DEVICES_PER_PROCESS:-2}" \
     JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo \
-    python -m rsepm_jax.main --config="$config" --workdir="$workdir" "$@" \
+    python -m "${MODULE:-rsepm_jax.main}" --config="$config" --workdir="$workdir" "$@" \
     </dev/null >>"$log" 2>&1 &
   pids+=("$!")
 done
