@@ -23,6 +23,12 @@ Rows (`--rows`, comma-separated; default all but `compare`, which is added when 
               config.inference.scales and hflip) on one uint8 image of that 3/4 x component_size.
   msflip_crf  the whole `paper_eval.predict_label` on that image: multi-scale + flip, 4 random GT
               tags, background of config.inference, dense CRF (the paper's pseudo labels).
+  deeplab_train, affinity_train
+              the multi-stage networks' train steps (DeepLabv3+ with its 48-channel low-level
+              block; IRNet's boundary network with its affinity loss) with the config's
+              backbone, batch and crop, on the train row's synthetic batch (masks random).
+  random_walk the random walk (config.rw) on the stride-4 grid of that 3/4 x component_size
+              image, the config's classes.
   compare     our JAX train step against a PyTorch train step written here from the spec
               (torchvision ResNet, random init; DeepLabv3+ head; CAM classifier; SCG; PAMR in
               the unfold formulation; SGD), both float32 without mixing, at `--compare_batch` x
@@ -59,6 +65,7 @@ from rsepm_jax import optimizer
 from rsepm_jax import paper_eval
 from rsepm_jax import parallel
 from rsepm_jax import state as state_lib
+from rsepm_jax import train
 from rsepm_jax import train_step
 from rsepm_jax.evaluate import cam_thresholds
 from rsepm_jax.evaluate import make_eval_step
@@ -66,10 +73,11 @@ from rsepm_jax.refine import canny
 from rsepm_jax.refine import crf
 from rsepm_jax.refine import edge_predict_mix
 from rsepm_jax.refine import pamr
+from rsepm_jax.refine import random_walk
 from rsepm_jax.refine import scg
 
 ALL_ROWS = ("train", "mix", "eval", "pamr", "pamr_torch", "scg", "canny", "epm", "crf", "msflip",
-            "msflip_crf", "compare")
+            "msflip_crf", "deeplab_train", "affinity_train", "random_walk", "compare")
 
 # Peak dense (non-sparse) bf16 tensor FLOP/s per device, from the vendors' datasheets (NVIDIA
 # H100/H200 and A100 datasheets, Google Cloud TPU system-architecture pages). First substring
@@ -217,8 +225,8 @@ class TrainSetup:
         self.model, self.tx, config, state_lib.prng_key(0), self.mesh, pretrained=False)
     self.host_batch = synthetic_batch(self.batch_size, self.size, config.data.num_classes)
     self.batch = parallel.to_global(self.host_batch, self.mesh)
-    self.step = train_step.make_train_step(self.model, self.tx, config, self.mesh,
-                                           total_steps=1000, steps_per_epoch=1)
+    self.step = train.step_module(config).make_train_step(self.model, self.tx, config, self.mesh,
+                                                          total_steps=1000, steps_per_epoch=1)
     self.rng = jax.device_put(state_lib.prng_key(1), parallel.replicated(self.mesh))
 
   def run(self, repeats):
@@ -434,6 +442,40 @@ class Benchmark:
         "msflip_crf", f"predict_label 1x{height}x{width}, {self._views()}, {tags.sum()} tags, "
         "dense CRF", lambda: paper_eval.predict_label(model, variables, image, self.config,
                                                       tags=tags, use_crf=True))]
+
+  # --------------------------------------------------------------------------- multi-stage
+
+  def _stage_row(self, key, arch, what):
+    """Train-step row of the config's backbone, batch and crop as the network `arch`."""
+    config = self.config.copy_and_resolve_references()
+    config.model.arch = arch
+    if arch == "deeplabv3plus":
+      config.model.low_level_channels = 48
+    else:  # the boundary network: only the edge layers learn
+      config.optim.lr_backbone_weight = config.optim.lr_backbone_bias = 0.0
+    setup = TrainSetup(config)
+    compiled, compile_s, runs = setup.run(self.repeats)
+    name = (f"{what} train step, {config.model.backbone}, batch {setup.batch_size} x "
+            f"{setup.size}px, {config.model.dtype}")
+    return [make_row(key, name, setup.batch_size, runs, compile_s, compiled, mfu=True)]
+
+  def row_deeplab_train(self):
+    return self._stage_row("deeplab_train", "deeplabv3plus", "DeepLabv3+ (low-level 48)")
+
+  def row_affinity_train(self):
+    return self._stage_row("affinity_train", "affinity",
+                           f"boundary network (pair radius {self.config.affinity.radius})")
+
+  def row_random_walk(self):
+    rw = self.config.rw
+    grid = (-(-self.component_size * 3 // 16), -(-self.component_size // 4))  # stride 4
+    rng = np.random.default_rng(0)
+    scores = jnp.asarray(rng.random((1, *grid, self.config.data.num_classes)), jnp.float32)
+    edge = jnp.asarray(rng.random((1, *grid)), jnp.float32)
+    walk = jax.jit(lambda s, e: random_walk.propagate(s, e, rw.radius, rw.beta, rw.exp_times))
+    return [measure("random_walk", f"random walk 1x{grid[0]}x{grid[1]}x"
+                    f"{self.config.data.num_classes}, radius {rw.radius}, {2**rw.exp_times} steps",
+                    walk, (scores, edge), self.repeats, 1)]
 
   # --------------------------------------------------------------------------- JAX vs PyTorch
 

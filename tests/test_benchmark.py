@@ -5,8 +5,10 @@ import math
 from rsepm_jax.configs import demo
 from rsepm_jax import benchmark
 
-ROWS = ("train", "mix", "eval", "pamr", "scg", "canny", "epm", "crf", "msflip", "msflip_crf")
-JITTED = ROWS[:-3]  # one jitted program each: compile time, FLOPs and XLA's memory estimate
+ROWS = ("train", "mix", "eval", "pamr", "scg", "canny", "epm", "crf", "deeplab_train",
+        "affinity_train", "random_walk", "msflip", "msflip_crf")
+# One jitted program each: compile time, FLOPs and XLA's memory estimate.
+JITTED = tuple(key for key in ROWS if key not in ("crf", "msflip", "msflip_crf"))
 
 
 def _positive(value):
@@ -16,6 +18,7 @@ def _positive(value):
 def test_run_on_smoke_config(tmp_path):
   config = demo.get_config("smoke")
   config.inference.scales = (1.0, 0.5)
+  config.affinity.radius = 3  # the 8 x 8 edge grid of a 32 px crop
   rows = benchmark.run(config, ROWS, repeats=1, component_size=64, component_batch=2,
                        out_dir=str(tmp_path))
   assert [row["key"] for row in rows] == list(ROWS)
@@ -45,6 +48,8 @@ def test_run_on_smoke_config(tmp_path):
   table = (tmp_path / "benchmark.md").read_text()
   assert table.count("\n| ") == len(ROWS) + 1  # header and one line per row
   assert "| dense CRF 1x48x64x21, 10 iterations |" in table
+  assert "| random walk 1x12x16x6, radius 5, 256 steps |" in table
+  assert "DeepLabv3+ (low-level 48) train step, tiny, batch 8 x 32px" in by_key["deeplab_train"]["name"]
 
 
 def test_isolated_rows_time_out_and_report():
