@@ -189,6 +189,8 @@ def _range_problems(config, reads_data=True):
       ("rw.bg_threshold", 0 <= c.rw.bg_threshold <= 1, "in [0, 1]"),
       ("rw.edge_size", c.rw.edge_size >= 1, ">= 1"),
       ("inference.max_batch", c.inference.max_batch >= 1, ">= 1"),
+      ("inference.stage2_merge", c.inference.stage2_merge in inference.STAGE2_MERGES,
+       f"one of {inference.STAGE2_MERGES}"),
       ("inference.stage2_class_th", 0 <= c.inference.stage2_class_th <= 1, "in [0, 1]"),
   ]
   checks += [(f"loss.{name}", c.loss[name] >= 0, ">= 0") for name in (

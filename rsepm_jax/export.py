@@ -115,8 +115,7 @@ def single_stage_seeds(model, variables, images, tags, settings):
   multi-scale + flip decoder foreground (`inference.multiscale_many` with `config.inference`
   `settings`), each class divided by its maximum (+1e-5), the classes outside `tags[i]` (bool
   `[C]`) 0 (spec 8.1 steps 1-3 with the GT tags)."""
-  all_scores = inference.multiscale_many(model, variables, images, tuple(settings.scales),
-                                         settings.hflip, settings.size_bucket, settings.max_batch)
+  all_scores = inference.multiscale_config(model, variables, images, settings)
   seeds = []
   for scores, image_tags in zip(all_scores, tags):
     if scores["stage2"]:

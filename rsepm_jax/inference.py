@@ -7,7 +7,8 @@ softmaxed, nearest-resized to the image's size and un-flipped; both nearest resi
 un-flip are one composed gather, and softmax commutes with it. The probabilities and
 `sigmoid(cls_logits)` are averaged over the views. Stage-2 networks (DeepLab, spec 9): per view,
 the logits are bilinearly resized straight to the image's size (two interpolation matrices, the
-un-flip folded in), softmaxed and averaged. `segment_scores` then gates the classes and adds the
+un-flip folded in); the views' logits are summed and softmaxed (Puzzle-CAM's rule; or their
+softmaxes averaged: `stage2_merge`). `segment_scores` then gates the classes and adds the
 background (spec 8.1 steps 2, 3 and 5; stage 2: the softmax as is).
 
 `multiscale_many` runs images of one size (one set of view shapes) together, `max_batch` per
@@ -29,6 +30,9 @@ from rsepm_jax.models import rsepm
 
 # config.inference.background: "power" = (1 - max_c seed_c) ** bg_gamma, "constant" = bg_threshold.
 BACKGROUNDS = ("power", "constant")
+# config.inference.stage2_merge: how a stage-2 network's views combine: "sum_logits" = softmax of
+# the summed logits (Puzzle-CAM's segmentation inference), "mean_softmax" = mean of the softmaxes.
+STAGE2_MERGES = ("sum_logits", "mean_softmax")
 
 SCALES = (1.0, 0.5, 1.5, 2.0)
 SEG_STRIDE = 4  # the decoder's logits: stride 4 (spec 1.3)
@@ -98,13 +102,13 @@ def _single_stage_sums(model, variables, views, seg_rows, seg_cols, cam_rows, ca
 
 @functools.partial(jax.jit, static_argnums=0)
 def _stage2_sums(model, variables, views, row_weights, col_weights):
-  """Per image, the sum over its views `[N, V, h, w, 3]` of the softmax `[N, H, W, C + 1]` of
-  the logits bilinearly resized to the image: `row_weights [N, H, gh]`, `col_weights
+  """Per image, sums over its views `[N, V, h, w, 3]` of (the softmax, the logits) `[N, H, W,
+  C + 1]` of the logits bilinearly resized to the image: `row_weights [N, H, gh]`, `col_weights
   [N, V, W, gw]` (the un-flip folded in) are the interpolation matrices."""
   logits = _apply_views(model, variables, views)["seg_logits"]
   logits = jnp.einsum("nhy,nvyxk->nvhxk", row_weights, logits)
   logits = jnp.einsum("nvhxk,nvwx->nvhwk", logits, col_weights)
-  return jnp.sum(jax.nn.softmax(logits, axis=-1), axis=1)
+  return jnp.sum(jax.nn.softmax(logits, axis=-1), axis=1), jnp.sum(logits, axis=1)
 
 
 _STRIDES = {}  # model -> stride of its seg_logits, or None for the single-stage network
@@ -156,7 +160,7 @@ def _check_image(image):
   return image
 
 
-def _run_group(model, variables, images, scales, hflip, size_bucket):
+def _run_group(model, variables, images, scales, hflip, size_bucket, stage2_merge):
   """`multiscale` of images sharing one `_group_key`: one device call per scale."""
   stride = stage2_stride(model, variables)
   shapes = [image.shape[:2] for image in images]
@@ -199,12 +203,16 @@ def _run_group(model, variables, images, scales, hflip, size_bucket):
       cols = np.stack([with_flip(_bilinear_matrix(_grid(w, stride), width,
                                                   _grid(padded_w, stride), out_w), width)
                        for (_, w), (_, width) in zip(sizes, shapes)])
-      sums = (_stage2_sums(model, variables, views, rows, cols),)
+      sums = _stage2_sums(model, variables, views, rows, cols)
     totals = sums if totals is None else [a + b for a, b in zip(totals, sums)]
   num_views = num_flips * len(scales)
   results = []
   for i, (height, width) in enumerate(shapes):
     probs = np.asarray(totals[0][i], np.float32)[:height, :width] / num_views
+    if stride is not None and stage2_merge == "sum_logits":
+      logits = np.asarray(totals[1][i], np.float32)[:height, :width]
+      probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+      probs /= probs.sum(axis=-1, keepdims=True)
     if stride is None:
       heat = np.asarray(totals[1][i], np.float32)[:height, :width] / num_views
       pred_class = np.asarray(totals[2][i], np.float32) / num_views
@@ -217,10 +225,12 @@ def _run_group(model, variables, images, scales, hflip, size_bucket):
 
 
 def multiscale_many(model, variables, images, scales=SCALES, hflip=True, size_bucket=0,
-                    max_batch=4):
+                    max_batch=4, stage2_merge="sum_logits"):
   """`multiscale` of each of `images` (uint8 RGB `[H_i, W_i, 3]`, any sizes), in their order.
   Images whose views share shapes (the same size, or with `size_bucket` the same buckets) run
-  together, up to `max_batch` images per device call."""
+  together, up to `max_batch` images per device call. `stage2_merge`: one of STAGE2_MERGES."""
+  if stage2_merge not in STAGE2_MERGES:
+    raise ValueError(f"stage2_merge={stage2_merge!r}; expected one of {STAGE2_MERGES}.")
   images = [_check_image(image) for image in images]
   groups = {}
   for index, image in enumerate(images):
@@ -230,26 +240,35 @@ def multiscale_many(model, variables, images, scales=SCALES, hflip=True, size_bu
     for start in range(0, len(indices), max_batch):
       chunk = indices[start:start + max_batch]
       for index, result in zip(chunk, _run_group(model, variables, [images[i] for i in chunk],
-                                                 scales, hflip, size_bucket)):
+                                                 scales, hflip, size_bucket, stage2_merge)):
         results[index] = result
   return results
 
 
-def multiscale(model, variables, image, scales=SCALES, hflip=True, size_bucket=0):
+def multiscale(model, variables, image, scales=SCALES, hflip=True, size_bucket=0,
+               stage2_merge="sum_logits"):
   """Averages a network over scales and flips (spec 8.1 step 1; spec 9 for stage-2 networks).
 
   model, variables: the single-stage `RSEPMNet` (with its decoder) or a stage-2 network (its
     outputs have no "cams"), with evaluation variables.
   image: uint8 RGB `[H, W, 3]`, any size.
   Returns numpy arrays:
-    pred_mask: `[H, W, C + 1]`, the mean softmax (background first);
+    pred_mask: `[H, W, C + 1]`, the mean softmax (background first); stage 2: per
+      `stage2_merge`, by default the softmax of the summed logits;
     pred_class: `[C]`, the mean over views of `sigmoid(cls_logits)`; stage 2: the maximum of
       each class's probability over the image;
     cams: `[H, W, C]`, the mean relu CAM, nearest-resized like the logits, each class divided
       by its maximum (+1e-5); stage 2: the class probabilities so normalised;
   and `stage2`: whether the stage-2 rule was used.
   """
-  return multiscale_many(model, variables, [image], scales, hflip, size_bucket)[0]
+  return multiscale_many(model, variables, [image], scales, hflip, size_bucket,
+                         stage2_merge=stage2_merge)[0]
+
+
+def multiscale_config(model, variables, images, settings):
+  """`multiscale_many` with the knobs of `config.inference` (`settings`)."""
+  return multiscale_many(model, variables, images, tuple(settings.scales), settings.hflip,
+                         settings.size_bucket, settings.max_batch, settings.stage2_merge)
 
 
 def segment(pred_mask, pred_class, tags=None, conf_th=0.34, bg_gamma=2.0, bg_threshold=None,

@@ -47,8 +47,7 @@ def predict_labels(model, variables, images, config, tags=None, use_crf=True):
   (`inference.segment_scores`). `use_crf`: the dense CRF on the image and the background +
   kept-class channels."""
   settings = config.inference
-  all_scores = inference.multiscale_many(model, variables, images, tuple(settings.scales),
-                                         settings.hflip, settings.size_bucket, settings.max_batch)
+  all_scores = inference.multiscale_config(model, variables, images, settings)
   tags = [None] * len(images) if tags is None else tags
   return [_refined_label(image, scores, settings, image_tags, use_crf)
           for image, scores, image_tags in zip(images, all_scores, tags)]
@@ -89,9 +88,7 @@ def stream_confusion(model, variables, config, batches, progress=None):
       images.append(np.asarray(batch["image"][i, top:bottom, left:right]))
       masks.append(np.asarray(batch["mask"][i, top:bottom, left:right]))
       tags.append(batch["labels"][i] > 0)
-    all_scores = inference.multiscale_many(model, variables, images, tuple(settings.scales),
-                                           settings.hflip, settings.size_bucket,
-                                           settings.max_batch)
+    all_scores = inference.multiscale_config(model, variables, images, settings)
     for image, mask, image_tags, scores in zip(images, masks, tags, all_scores):
       gate = image_tags if config.eval.gate_by_tags else None
       label = _refined_label(image, scores, settings, gate, config.eval.crf)

@@ -154,9 +154,7 @@ def predict(config, workdir, inputs, output=None, step=None, allow_config_change
       else:
         images.append(image)
         kept.append(name)
-    all_scores = inference.multiscale_many(model, variables, images, tuple(settings.scales),
-                                           settings.hflip, settings.size_bucket,
-                                           settings.max_batch)
+    all_scores = inference.multiscale_config(model, variables, images, settings)
     for image, name, scores in zip(images, kept, all_scores):
       result = inference.segment_scores(scores, settings, multi_hot)
       visualize.save_png(result["label"], out_dir / f"{name}.png")

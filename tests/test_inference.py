@@ -147,13 +147,19 @@ class Stage2StubNet(nn.Module):
     return {"seg_logits": cells @ seg + 0.3 * columns * ramp}
 
 
-def stage2_reference(image, variables, scales, hflip):
+def softmax(logits):
+  soft = np.exp(logits - logits.max(-1, keepdims=True))
+  return soft / soft.sum(-1, keepdims=True)
+
+
+def stage2_reference(image, variables, scales, hflip, merge):
   """Spec 9 view by view: the logits bilinearly resized (OpenCV, half-pixel) to the image,
-  un-flipped, softmaxed, averaged; class scores = the maximum probability of each class."""
+  un-flipped; "sum_logits": summed, then softmaxed; "mean_softmax": softmaxed, then averaged;
+  class scores = the maximum probability of each class."""
   p = variables["params"]
   height, width = image.shape[:2]
   x = ((image - MEAN) / STD).astype(np.float32)
-  probs, n = 0.0, 0
+  probs, summed, n = 0.0, 0.0, 0
   for scale in scales:
     h, w = int(height * scale), int(width * scale)
     view = cv2.resize(x, (w, h), interpolation=cv2.INTER_LINEAR)
@@ -162,20 +168,23 @@ def stage2_reference(image, variables, scales, hflip):
       logits = cells @ p["seg"] + 0.3 * np.arange(cells.shape[1])[None, :, None] * p["ramp"]
       logits = cv2.resize(logits.astype(np.float32), (width, height),
                           interpolation=cv2.INTER_LINEAR)
-      soft = np.exp(logits - logits.max(-1, keepdims=True))
-      soft /= soft.sum(-1, keepdims=True)
-      probs, n = probs + (soft[:, ::-1] if flip else soft), n + 1
-  probs = probs / n
+      logits = logits[:, ::-1] if flip else logits
+      probs, summed, n = probs + softmax(logits), summed + logits, n + 1
+  probs = softmax(summed) if merge == "sum_logits" else probs / n
   return {"pred_mask": probs, "pred_class": probs[..., 1:].max(axis=(0, 1))}
 
 
-def test_stage2_networks_use_bilinear_logits_and_the_softmax_as_is():
+@pytest.mark.parametrize("merge", inference.STAGE2_MERGES)
+def test_stage2_networks_use_bilinear_logits(merge):
   image = np.random.RandomState(4).randint(0, 256, (45, 29, 3)).astype(np.uint8)
   variables = stub_variables(5)
   variables = {"params": {k: variables["params"][k] for k in ("seg", "ramp")}}
-  got = inference.multiscale(Stage2StubNet(), variables, image, (1.0, 0.5, 1.5), True)
-  want = stage2_reference(image, variables, (1.0, 0.5, 1.5), True)
-  assert got["stage2"]
+  got = inference.multiscale(Stage2StubNet(), variables, image, (1.0, 0.5, 1.5), True,
+                             stage2_merge=merge)
+  want = stage2_reference(image, variables, (1.0, 0.5, 1.5), True, merge)
+  other = stage2_reference(image, variables, (1.0, 0.5, 1.5), True,
+                           ({*inference.STAGE2_MERGES} - {merge}).pop())
+  assert got["stage2"] and np.abs(want["pred_mask"] - other["pred_mask"]).max() > 1e-2
   for key in ("pred_mask", "pred_class"):
     np.testing.assert_allclose(got[key], want[key], atol=2e-5, err_msg=key)
 

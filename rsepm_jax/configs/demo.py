@@ -215,6 +215,8 @@ def get_config(arg=None):
   config.inference.bg_gamma = 2.0  # background exponent of "power" (the official CRF input)
   config.inference.bg_threshold = 0.45  # background score of "constant" (official non-CRF mode)
   config.inference.stage2_class_th = 0.05  # deeplab*: keep classes whose max probability >= this
+  # deeplab*: "sum_logits" = softmax of the views' summed logits (Puzzle-CAM) | "mean_softmax"
+  config.inference.stage2_merge = "sum_logits"
   # Pad views to multiples of this so nearby sizes share a compilation (border outputs and ASPP
   # pooling then see the padding); 0: exact sizes, as the official code.
   config.inference.size_bucket = 0
