@@ -144,7 +144,7 @@ def _range_problems(config, reads_data=True):
       ("model.aspp_dropout", 0 <= c.model.aspp_dropout < 1, "in [0, 1)"),
       ("model.decoder_dropout", all(0 <= p < 1 for p in c.model.decoder_dropout), "in [0, 1)"),
       ("model.init_from", not c.model.init_from or state_lib.backbone_depth(c.model.backbone),
-       "empty for model.backbone='tiny' (ImageNet weights exist for resnet50 / resnet101)"),
+       "empty for model.backbone='tiny' (ImageNet weights exist for the resnet / resnest ones)"),
       ("optim.lr", c.optim.lr > 0, "> 0"),
       ("optim.momentum", 0 <= c.optim.momentum < 1, "in [0, 1)"),
       ("optim.weight_decay", c.optim.weight_decay >= 0, ">= 0"),

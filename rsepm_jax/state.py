@@ -29,7 +29,10 @@ def build_model(config, bn_axis_name=None):
 
 
 def backbone_depth(backbone):
-  return {"resnet50": 50, "resnet101": 101}.get(backbone)
+  """Depth of a `config.model.backbone` with ImageNet weights (resnet50 -> 50, resnest269 ->
+  269), None for "tiny"."""
+  return {"resnet50": 50, "resnet101": 101, "resnest50": 50, "resnest101": 101,
+          "resnest200": 200, "resnest269": 269}.get(backbone)
 
 
 def init_variables(model, config, rng, pretrained=True):
@@ -42,9 +45,10 @@ def init_variables(model, config, rng, pretrained=True):
     if depth is None:
       raise ValueError(
           f"config.model.init_from is set but config.model.backbone={config.model.backbone!r} "
-          "has no ImageNet weights; use resnet50 or resnet101.")
+          "has no ImageNet weights; use a resnet or resnest backbone.")
     logging.info("Loading weights from %s", config.model.init_from)
-    variables = convert.load_into(variables, config.model.init_from, depth)
+    family = "resnest" if config.model.backbone.startswith("resnest") else "resnet"
+    variables = convert.load_into(variables, config.model.init_from, depth, family)
   return variables
 
 

@@ -1,4 +1,6 @@
 """ImageNet ResNet weights from torchvision / timm checkpoints into `resnet.ResNet` (spec 1.1),
+ImageNet ResNeSt weights from timm / original ResNeSt checkpoints into `resnest.ResNeSt`
+(`from_timm_resnest`),
 and official RS+EPM checkpoints into the whole network of `config.model.arch` (`from_official`):
 the single-stage `RSEPMNet` or the multi-stage DeepLabv3+ / DeepLabv2 (spec 9), and the
 multi-stage boundary network `affinity.AffinityNet` (`from_official_affinity`).
@@ -31,6 +33,7 @@ import safetensors.numpy
 
 from rsepm_jax.models import affinity
 from rsepm_jax.models import networks
+from rsepm_jax.models import resnest
 from rsepm_jax.models import resnet
 
 
@@ -83,15 +86,78 @@ def abstract_variables(depth):
       jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
 
 
-@functools.lru_cache(maxsize=None)
-def expected_torchvision_shapes(depth):
-  """{torchvision key: (collection, Flax path, torchvision shape)} of `resnet(depth)`."""
+def _torchvision_layout(variables):
+  """{torchvision key: (collection, Flax path, PyTorch shape)} of backbone `variables`."""
   expected = {}
   for collection in ("params", "batch_stats"):
-    for path, leaf in traverse_util.flatten_dict(abstract_variables(depth)[collection]).items():
+    for path, leaf in traverse_util.flatten_dict(variables[collection]).items():
       key = torchvision_key(collection, path)
       expected[key] = (collection, path, _to_torch_layout(collection, path, leaf.shape))
   return expected
+
+
+@functools.lru_cache(maxsize=None)
+def expected_torchvision_shapes(depth):
+  """{torchvision key: (collection, Flax path, torchvision shape)} of `resnet(depth)`."""
+  return _torchvision_layout(abstract_variables(depth))
+
+
+@functools.lru_cache(maxsize=None)
+def abstract_resnest_variables(depth):
+  """`resnest.resnest(depth)` variables as `jax.ShapeDtypeStruct`s (no computation)."""
+  return jax.eval_shape(
+      resnest.resnest(depth).init, jax.random.key(0),
+      jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+
+
+@functools.lru_cache(maxsize=None)
+def expected_resnest_shapes(depth):
+  """{timm key: (collection, Flax path, PyTorch shape)} of `resnest.resnest(depth)`."""
+  return _torchvision_layout(abstract_resnest_variables(depth))
+
+
+def _place(state_dict, expected):
+  """The tensors of `state_dict` at the Flax paths of `expected` ({key: (collection, path,
+  shape)}), float32 numpy; conv kernels OIHW -> HWIO."""
+  flat = {}
+  for key, (collection, path, _) in expected.items():
+    value = np.asarray(state_dict[key], np.float32)
+    if collection == "params" and path[-1] == "kernel":
+      value = np.ascontiguousarray(value.transpose(2, 3, 1, 0))  # OIHW -> HWIO
+    flat[(collection,) + path] = value
+  return traverse_util.unflatten_dict(flat)
+
+
+def from_timm_resnest(state_dict, depth, where="timm ResNeSt state dict"):
+  """timm `resnest{50d,101e,200e,269e}` / original ResNeSt state dict {key: np.ndarray} ->
+  `resnest.resnest(depth)` variables ({"params", "batch_stats"}, float32 numpy); `where` (e.g.
+  the file) starts the error messages.
+
+  Keys: the stem `conv1.{0,3,6}` (convs), `conv1.{1,4}` and `bn1` (BN); per block
+  `layer{i}.{j}.conv1`, `bn1`, `conv2.conv`, `conv2.bn0`, `conv2.fc1`, `conv2.bn1`,
+  `conv2.fc2`, `conv3`, `bn3`, `downsample.1` (conv), `downsample.2` (BN). Missing and
+  unexpected keys and shape mismatches raise one WeightsError naming them; the ImageNet
+  classifier `fc.*` and `num_batches_tracked` are dropped.
+  """
+  expected = expected_resnest_shapes(depth)
+  given = {k for k in state_dict if not k.endswith("num_batches_tracked")}
+  missing = sorted(set(expected) - given)
+  unexpected = sorted(k for k in given - set(expected) if not k.startswith("fc."))
+  wrong_shape = [f"{key}: checkpoint {tuple(np.shape(state_dict[key]))}, model {shape}"
+                 for key, (_, _, shape) in sorted(expected.items())
+                 if key in given and tuple(np.shape(state_dict[key])) != shape]
+  if missing or unexpected or wrong_shape:
+    problems = [f"{len(names)} {what}: {_listed(names)}"
+                for what, names in (("missing keys", missing), ("unexpected keys", unexpected),
+                                    ("shape mismatches", wrong_shape)) if names]
+    sizes = stage_sizes(given)
+    found = {s: d for d, s in resnest.STAGE_SIZES.items()}.get(sizes)
+    hint = (f" It has the blocks of a ResNeSt-{found} (config.model.backbone=resnest{found})."
+            if found and found != depth else "")
+    raise WeightsError(f"{where} does not fit ResNeSt-{depth} ({'; '.join(problems)}).{hint}")
+  if given - set(expected):
+    logging.info("Dropped the ImageNet classifier: %s", sorted(given - set(expected)))
+  return _place(state_dict, expected)
 
 
 def _listed(names):
@@ -338,13 +404,7 @@ def _from_official_layout(state_dict, template, where):
         f"{where} does not fit the configured {networks.ARCH_NAMES[arch]} model "
         f"({'; '.join(problems)}). Check {_SHAPING_KEYS[arch]} against the checkpoint"
         f"{f' (it has {built})' if built else ''}.")
-  flat = {}
-  for key, (collection, path, _) in expected.items():
-    value = np.asarray(state_dict[key], np.float32)
-    if collection == "params" and path[-1] == "kernel":
-      value = np.ascontiguousarray(value.transpose(2, 3, 1, 0))  # OIHW -> HWIO
-    flat[(collection,) + path] = value
-  return traverse_util.unflatten_dict(flat)
+  return _place(state_dict, expected)
 
 
 def from_official(state_dict, config, where="official state dict"):
@@ -457,20 +517,29 @@ def _check_same_shapes(expected, given, where):
                        f"{tuple(given[name].shape)}, the model expects {tuple(leaf.shape)}.")
 
 
-def load_backbone_variables(path, depth, arrays=None):
-  """`resnet(depth)` variables from a torchvision / timm checkpoint or a converted `.npz`
-  (`arrays`: its `load_state_dict` when already read)."""
+def load_backbone_variables(path, depth, arrays=None, family="resnet"):
+  """`resnet(depth)` variables from a torchvision / timm checkpoint, or with `family="resnest"`
+  `resnest.resnest(depth)` variables from a timm / original ResNeSt checkpoint, or either from a
+  converted `.npz` (`arrays`: its `load_state_dict` when already read)."""
   arrays = load_state_dict(path) if arrays is None else arrays
-  if epath.Path(path).suffix != ".npz":
-    return from_torchvision(arrays, depth, str(path))
-  check_depth(arrays, depth, str(path))
+  npz = epath.Path(path).suffix == ".npz"
+  if family == "resnest":
+    if not npz:
+      return from_timm_resnest(arrays, depth, str(path))
+    template = abstract_resnest_variables(depth)
+  else:
+    if not npz:
+      return from_torchvision(arrays, depth, str(path))
+    check_depth(arrays, depth, str(path))
+    template = abstract_variables(depth)
   variables = traverse_util.unflatten_dict(arrays, sep="/")
-  _check_same_shapes(abstract_variables(depth), variables, str(path))
+  _check_same_shapes(template, variables, str(path))
   return variables
 
 
-def load_into(variables, path, depth):
-  """Copy of network `variables` with `params/backbone` and `batch_stats/backbone` from `path`.
+def load_into(variables, path, depth, family="resnet"):
+  """Copy of network `variables` with `params/backbone` and `batch_stats/backbone` from `path`
+  (a ResNet-`depth`, or with `family="resnest"` a ResNeSt-`depth`, backbone).
 
   The heads (classifier, ASPP, decoder) are left as they are, unless `path` is an official
   checkpoint (`is_official`): then every variable comes from it. Raises WeightsError when the
@@ -486,7 +555,7 @@ def load_into(variables, path, depth):
       loaded[collection] = jax.tree.map(lambda new, old: np.asarray(new, old.dtype),
                                         official[collection], variables[collection])
     return loaded
-  backbone = load_backbone_variables(path, depth, arrays)
+  backbone = load_backbone_variables(path, depth, arrays, family)
   for collection in ("params", "batch_stats"):
     target = variables[collection]["backbone"]
     _check_same_shapes(target, backbone[collection], f"{collection}/backbone")
