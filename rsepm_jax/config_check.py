@@ -26,8 +26,8 @@ from rsepm_jax.configs import demo
 from rsepm_jax.data import sources
 from rsepm_jax.data import synthetic
 from rsepm_jax.data import transforms
+from rsepm_jax.models import backbones
 from rsepm_jax.models import networks
-from rsepm_jax.models import resnet
 from rsepm_jax.models import rsepm
 
 MODEL, SCHEDULE, SAFE = "model", "schedule", "safe"
@@ -134,7 +134,7 @@ def _range_problems(config, reads_data=True):
       ("data.prefetch_buffer_size", c.data.prefetch_buffer_size >= 0, ">= 0"),
       ("data.device_prefetch", c.data.device_prefetch >= 1, ">= 1"),
       ("model.arch", c.model.arch in networks.ARCHS, f"one of {networks.ARCHS}"),
-      ("model.backbone", c.model.backbone in resnet.BACKBONES, f"one of {resnet.BACKBONES}"),
+      ("model.backbone", c.model.backbone in backbones.BACKBONES, f"one of {backbones.BACKBONES}"),
       ("model.backbone_width", c.model.backbone_width >= 1, ">= 1"),
       ("model.output_stride", c.model.output_stride in (8, 16), "8 or 16"),
       ("model.last_stride", c.model.last_stride in (1, 2), "1 or 2"),

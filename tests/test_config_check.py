@@ -88,7 +88,8 @@ def test_values_out_of_range_are_named_together():
   message = _problems(config)
   for expected in ("config.optim.lr=0.0: expected > 0",
                    "config.model.output_stride=32: expected 8 or 16",
-                   "config.model.backbone='resnet34': expected one of ('resnet50', 'resnet101', 'tiny')",
+                   "config.model.backbone='resnet34': expected one of ('resnet50', 'resnet101', 'resnest50', "
+                   "'resnest101', 'resnest200', 'resnest269', 'tiny')",
                    "config.data.name='imagenet': expected one of",
                    "config.recurseed.certain=1.5: expected in [0, 1]",
                    "config.loss.mix_start_epoch=8: expected in [0, train.num_epochs=6]",

@@ -10,9 +10,9 @@ import safetensors.numpy
 from rsepm_jax import config_check
 from rsepm_jax import state as state_lib
 from rsepm_jax.configs import demo
+from rsepm_jax.models import backbones
 from rsepm_jax.models import convert
 from rsepm_jax.models import resnest
-from rsepm_jax.models import resnet
 
 
 def _numpy_bn(x, p, s):
@@ -68,8 +68,8 @@ def test_split_attention_matches_numpy(dilation):
 
 def test_resnest_shapes_and_registry():
   for kind, c1 in (("resnest50", 64), ("resnest101", 128)):
-    assert kind in resnet.BACKBONES and state_lib.backbone_depth(kind)
-    model = resnet.backbone(kind, output_stride=16)
+    assert kind in backbones.BACKBONES and state_lib.backbone_depth(kind)
+    model = backbones.backbone(kind, output_stride=16)
     assert isinstance(model, resnest.ResNeSt)
     features, variables = jax.eval_shape(
         lambda x, m=model: m.init_with_output(jax.random.key(0), x),

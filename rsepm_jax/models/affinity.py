@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from rsepm_jax import image_ops
+from rsepm_jax.models import backbones
 from rsepm_jax.models import resnet
 
 ARCH = "affinity"  # the config.model.arch this network would take
@@ -73,7 +74,7 @@ class AffinityNet(nn.Module):
   statistics and nothing here has dropout or batch statistics. Submodules: `backbone`,
   `edge_1`..`edge_5` (`EdgeBranch`), `edge_logit` (1x1 conv with a bias).
   """
-  backbone: str = "resnet50"  # one of resnet.BACKBONES
+  backbone: str = "resnet50"  # one of backbones.BACKBONES
   backbone_width: int = 8  # stem width of the "tiny" backbone only
   output_stride: int = 16
   last_stride: int = 1
@@ -85,7 +86,7 @@ class AffinityNet(nn.Module):
   @nn.compact
   def __call__(self, images, train=False, dropout=True):
     del train, dropout  # fixed BN, no dropout (class docstring)
-    features = resnet.backbone(
+    features = backbones.backbone(
         self.backbone, self.backbone_width, output_stride=self.output_stride,
         last_stride=self.last_stride, dtype=self.dtype, name="backbone")(images, False)
     features = {name: lax.stop_gradient(x) for name, x in features.items()}

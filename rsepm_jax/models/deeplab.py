@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from rsepm_jax.models import backbones
 from rsepm_jax.models import decoder
 from rsepm_jax.models import resnet
 
@@ -51,7 +52,7 @@ class DeepLabV3Plus(nn.Module):
   `__call__(images, train=False, dropout=True)` -> {"seg_logits", "features"} (module docstring).
   """
   num_classes: int  # foreground classes; the logits have num_classes + 1
-  backbone: str = "resnet101"  # one of resnet.BACKBONES
+  backbone: str = "resnet101"  # one of backbones.BACKBONES
   backbone_width: int = 8  # stem width of the "tiny" backbone only
   output_stride: int = 8
   last_stride: int = 1
@@ -65,7 +66,7 @@ class DeepLabV3Plus(nn.Module):
 
   @nn.compact
   def __call__(self, images, train=False, dropout=True):
-    features = resnet.backbone(
+    features = backbones.backbone(
         self.backbone, self.backbone_width, output_stride=self.output_stride,
         last_stride=self.last_stride, dtype=self.dtype, bn_axis_name=self.bn_axis_name,
         name="backbone")(images, train)
@@ -97,7 +98,7 @@ class DeepLabV2(nn.Module):
   `__call__(images, train=False, dropout=True)` -> {"seg_logits", "features"} (module docstring).
   """
   num_classes: int  # foreground classes; the logits have num_classes + 1
-  backbone: str = "resnet101"  # one of resnet.BACKBONES
+  backbone: str = "resnet101"  # one of backbones.BACKBONES
   backbone_width: int = 8  # stem width of the "tiny" backbone only
   output_stride: int = 8
   last_stride: int = 1
@@ -107,7 +108,7 @@ class DeepLabV2(nn.Module):
   @nn.compact
   def __call__(self, images, train=False, dropout=True):
     del dropout  # DeepLabv2 has none; the argument keeps the networks' common signature
-    features = resnet.backbone(
+    features = backbones.backbone(
         self.backbone, self.backbone_width, output_stride=self.output_stride,
         last_stride=self.last_stride, dtype=self.dtype, bn_axis_name=self.bn_axis_name,
         name="backbone")(images, train)

@@ -13,14 +13,12 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from rsepm_jax.models import resnest  # uses this module's helpers at call time only
 
 # PyTorch's default conv init, kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)) (spec 1.1).
 pytorch_conv_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 STAGE_SIZES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 # config.model.backbone
-BACKBONES = ("resnet50", "resnet101", "resnest50", "resnest101", "resnest200", "resnest269", "tiny")
 EXPANSION = 4  # Bottleneck output channels = EXPANSION * width of its 3x3 conv.
 
 
@@ -224,18 +222,3 @@ def resnet(depth, output_stride=16, last_stride=1, **kwargs):
 def tiny_resnet(width=8, **kwargs):
   """One block per stage and a narrow stem, for tests and the demo."""
   return ResNet(stage_sizes=(1, 1, 1, 1), width=width, **kwargs)
-
-
-def backbone(kind, tiny_width=8, **kwargs):
-  """The `ResNet` / `resnest.ResNeSt` of `config.model.backbone` (one of BACKBONES); `tiny_width`
-  is the stem width of "tiny" only; `kwargs` go to the module (output_stride, last_stride, dtype,
-  bn_axis_name, name)."""
-  if kind == "resnet50":
-    return resnet(50, **kwargs)
-  if kind == "resnet101":
-    return resnet(101, **kwargs)
-  if kind.startswith("resnest") and kind in BACKBONES:
-    return resnest.resnest(int(kind[len("resnest"):]), **kwargs)
-  if kind == "tiny":
-    return tiny_resnet(width=tiny_width, **kwargs)
-  raise ValueError(f"Unknown backbone {kind!r}; choose one of {BACKBONES}.")

@@ -4,6 +4,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from rsepm_jax.models import backbones
 from rsepm_jax.models import deeplab
 from rsepm_jax.models import resnet
 
@@ -36,7 +37,7 @@ class RSEPMNet(nn.Module):
   RecurSeed re-runs the decoder head without dropout this way.
   """
   num_classes: int
-  backbone: str = "resnet50"  # one of resnet.BACKBONES
+  backbone: str = "resnet50"  # one of backbones.BACKBONES
   backbone_width: int = 8  # stem width of the "tiny" backbone only
   output_stride: int = 16
   last_stride: int = 1
@@ -52,7 +53,7 @@ class RSEPMNet(nn.Module):
   @nn.compact
   def __call__(self, images, train=False, dropout=True, features=None):
     if features is None:
-      features = resnet.backbone(
+      features = backbones.backbone(
           self.backbone, self.backbone_width, output_stride=self.output_stride,
           last_stride=self.last_stride, dtype=self.dtype, bn_axis_name=self.bn_axis_name,
           name="backbone")(images, train)
