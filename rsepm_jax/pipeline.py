@@ -52,17 +52,6 @@ from rsepm_jax import train
 STAGES = ("rsepm", "export", "confident", "affinity", "random_walk", "deeplab", "eval")
 RANDOM_WALK_STAGES = ("confident", "affinity", "random_walk")
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Single-stage config, e.g. configs/voc.py.", lock_config=True)
-_RW_CONFIG = config_flags.DEFINE_config_file(
-    "rw_config", None, "Boundary-network config of the random walk, e.g. configs/voc_rw.py; "
-    "without it DeepLab trains on the paper's pseudo labels directly.", lock_config=True)
-_SEG_CONFIG = config_flags.DEFINE_config_file(
-    "seg_config", None, "Stage-2 config, e.g. configs/voc_deeplab.py.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the whole chain.")
-_STAGES = flags.DEFINE_list("stages", list(STAGES), f"Stages to run, from {STAGES}.")
-flags.mark_flags_as_required(["config", "seg_config", "workdir"])
-
 
 def folders(workdir, config):
   """The chain's folders under `workdir`."""
@@ -174,5 +163,17 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a program, so that tests can import this module next to
+  # other modules with a --config flag (rsepm_jax.ablate).
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", None, "Single-stage config, e.g. configs/voc.py.", lock_config=True)
+  _RW_CONFIG = config_flags.DEFINE_config_file(
+      "rw_config", None, "Boundary-network config of the random walk, e.g. configs/voc_rw.py; "
+      "without it DeepLab trains on the paper's pseudo labels directly.", lock_config=True)
+  _SEG_CONFIG = config_flags.DEFINE_config_file(
+      "seg_config", None, "Stage-2 config, e.g. configs/voc_deeplab.py.", lock_config=True)
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the whole chain.")
+  _STAGES = flags.DEFINE_list("stages", list(STAGES), f"Stages to run, from {STAGES}.")
+  flags.mark_flags_as_required(["config", "seg_config", "workdir"])
   jax.config.config_with_absl()
   app.run(main, flags_parser=config_check.parse_flags)

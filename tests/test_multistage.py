@@ -77,6 +77,13 @@ def test_the_chain_runs_every_stage_and_continues_after_an_interruption(tmp_path
   assert len(files) == NUM_TRAIN and values <= classes
 
 
+def test_the_pipeline_imports_next_to_the_other_commands():
+  """Its flags are defined only when run as a program: no clash with another --config."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  for name in ("rsepm_jax.ablate", "rsepm_jax.benchmark", "rsepm_jax.pipeline"):
+    importlib.reload(importlib.import_module(name))
+
+
 def test_the_chain_refuses_mismatched_configs(tmp_path):
   config, rw_config, seg_config = chain_configs()
   seg_config.model.arch = "rsepm"
