@@ -188,6 +188,7 @@ def _range_problems(config, reads_data=True):
       ("rw.exp_times", c.rw.exp_times >= 0, ">= 0"),
       ("rw.bg_threshold", 0 <= c.rw.bg_threshold <= 1, "in [0, 1]"),
       ("rw.edge_size", c.rw.edge_size >= 1, ">= 1"),
+      ("rw.crf_iters", c.rw.crf_iters >= 0, ">= 0 (0: no CRF)"),
       ("inference.max_batch", c.inference.max_batch >= 1, ">= 1"),
       ("inference.stage2_merge", c.inference.stage2_merge in inference.STAGE2_MERGES,
        f"one of {inference.STAGE2_MERGES}"),

@@ -29,11 +29,13 @@ from rsepm_jax.data import pipeline
 from rsepm_jax.data import preflight
 from rsepm_jax.data import records
 from rsepm_jax.models import affinity
+from rsepm_jax.refine import affinity_labels
 from rsepm_jax.refine import random_walk
 
 # One compilation per image size, radius and step count.
 _random_walk_labels = jax.jit(random_walk.random_walk_labels,
                               static_argnames=("image_size", "radius", "exp_times"))
+_label_crf = jax.jit(affinity_labels.label_crf, static_argnums=3)  # one per image size
 
 
 def stride4_scores(seeds):
@@ -53,30 +55,34 @@ def stride4_scores(seeds):
 
 def random_walk_label_maps(rsepm_model, rsepm_variables, affinity_model, affinity_variables,
                            images, tags, config, radius=5, beta=10.0, exp_times=8,
-                           bg_threshold=0.25, edge_size=affinity.GET_EDGE_SIZE):
+                           bg_threshold=0.25, edge_size=affinity.GET_EDGE_SIZE, crf_iters=0):
   """uint8 `[H_i, W_i]` random-walk labels (0 background, c + 1 class c) of uint8 RGB
-  `images [H_i, W_i, 3]` with GT `tags` (bool `[C]` each); module docstring, steps 1-4."""
+  `images [H_i, W_i, 3]` with GT `tags` (bool `[C]` each); module docstring, steps 1-4;
+  `crf_iters > 0`: then IRNet's label-mode dense CRF with that many iterations (Puzzle-CAM: 1)."""
   seeds = export.single_stage_seeds(rsepm_model, rsepm_variables, images, tags, config.inference)
   labels = []
-  for image, image_seeds in zip(images, seeds):
+  for image, image_seeds, image_tags in zip(images, seeds, tags):
     edge = affinity.get_edge(affinity_model, affinity_variables, image, edge_size)
     label = _random_walk_labels(stride4_scores(image_seeds)[None], edge[None],
                                 image_size=tuple(image.shape[:2]), bg_threshold=bg_threshold,
                                 radius=int(radius), beta=beta, exp_times=int(exp_times))
-    labels.append(np.asarray(label)[0])
+    if crf_iters:
+      label = _label_crf(image[None], label, image_tags[None], crf_iters)
+    labels.append(np.asarray(label, np.uint8)[0])
   return labels
 
 
 def write_random_walk_labels(rsepm_model, rsepm_variables, affinity_model, affinity_variables,
                              config, batches, out_dir, progress=None, radius=5, beta=10.0,
-                             exp_times=8, bg_threshold=0.25, edge_size=affinity.GET_EDGE_SIZE):
+                             exp_times=8, bg_threshold=0.25, edge_size=affinity.GET_EDGE_SIZE,
+                             crf_iters=0):
   """(written, skipped as already written) over the valid records of host `batches`
   (`pipeline.eval_batches` dicts) by `export.write_missing_labels` and `random_walk_label_maps`;
   `progress` advances by `config.eval.global_batch_size` per batch."""
   def label_images(images, tags):
     return random_walk_label_maps(rsepm_model, rsepm_variables, affinity_model,
                                   affinity_variables, images, tags, config, radius, beta,
-                                  exp_times, bg_threshold, edge_size)
+                                  exp_times, bg_threshold, edge_size, crf_iters)
   return export.write_missing_labels(batches, out_dir, label_images, progress,
                                      config.eval.global_batch_size)
 
@@ -118,7 +124,7 @@ def export_random_walk(config, rsepm_workdir, affinity_config, affinity_workdir,
         rsepm_model, rsepm_variables, affinity_model, affinity_variables, config, batches,
         out_dir, progress, radius=config.rw.radius, beta=config.rw.beta,
         exp_times=config.rw.exp_times, bg_threshold=config.rw.bg_threshold,
-        edge_size=config.rw.edge_size)
+        edge_size=config.rw.edge_size, crf_iters=config.rw.crf_iters)
   logging.info("Wrote %d random-walk label PNGs of split %r (RS+EPM step %d, AffinityNet step %d; "
                "skipped %d already written) to %s.", written, split, rsepm_step, affinity_step,
                skipped, out_dir)

@@ -16,6 +16,7 @@ from rsepm_jax.configs import demo
 from rsepm_jax.data import synthetic
 from rsepm_jax.models import affinity
 from rsepm_jax.models import networks
+from rsepm_jax.refine import affinity_labels
 from tests import test_inference
 
 NUM_CLASSES = test_inference.NUM_CLASSES
@@ -198,6 +199,19 @@ def test_random_walk_labels_with_no_edges_and_one_step_follow_the_seeds(tmp_path
   assert random_walk_export.write_random_walk_labels(
       model, variables, edge_model, edge_variables, config, [batch], out_dir,
       **settings) == (0, 3)
+
+  # crf_iters: the walk's labels then go through the label CRF (Puzzle-CAM's 1 iteration).
+  crf_dir = epath.Path(tmp_path / "crf")
+  crf_dir.mkdir()
+  assert random_walk_export.write_random_walk_labels(
+      model, variables, edge_model, edge_variables, config, [batch], crf_dir, **settings,
+      crf_iters=1) == (3, 0)
+  for image_id, (image, tags) in zip("abc", crops):
+    walked = read_png(out_dir / f"{image_id}.png")
+    want = affinity_labels.label_crf(image[None], walked[None].astype(np.int32), tags[None], 1)
+    np.testing.assert_array_equal(read_png(crf_dir / f"{image_id}.png"), np.asarray(want)[0])
+    assert set(np.unique(read_png(crf_dir / f"{image_id}.png"))) <= {0} | set(
+        np.flatnonzero(tags) + 1)
 
 
 def test_exports_from_checkpoints_write_labels_of_the_tags(tmp_path,

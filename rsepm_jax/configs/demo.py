@@ -235,6 +235,7 @@ def get_config(arg=None):
   config.rw.beta = 10.0  # affinity exponent (IRNet: 10)
   config.rw.exp_times = 8  # the walk takes 2^exp_times steps (IRNet: 8)
   config.rw.bg_threshold = 0.25  # constant background score before the argmax (IRNet: 0.25)
+  config.rw.crf_iters = 0  # then the label-mode dense CRF, this many iterations (Puzzle-CAM: 1)
   config.rw.edge_size = 512  # edge map: image and flip zero-padded to this side (official: 512)
 
   if variant == "ablation":

@@ -35,8 +35,9 @@ class PairLabels(NamedTuple):
   neg: jax.Array
 
 
-def _label_crf(images, labels, tags, num_iter, gt_prob):
-  """IRNet's label-mode dense CRF: [B, H, W] labels in 0..C -> refined labels in 0..C."""
+def label_crf(images, labels, tags, num_iter, gt_prob=0.7):
+  """IRNet's label-mode dense CRF (`LABEL_CRF`) on uint8 RGB `images [B, H, W, 3]`: `labels
+  [B, H, W]` in 0..C with the image `tags [B, C]` -> refined labels in 0..C."""
   num_labels = tags.shape[-1] + 1
   present = jnp.concatenate([jnp.ones_like(tags[:, :1]), tags], axis=-1).astype(jnp.float32)
   count = present.sum(axis=-1)[:, None, None, None]  # background + the tagged classes
@@ -80,7 +81,7 @@ def confident_labels(scores, fg_th=0.30, bg_th=0.05, images=None, tags=None, crf
     background = jnp.full(scores.shape[:3] + (1,), threshold, scores.dtype)
     labels = jnp.argmax(jnp.concatenate([background, scores], axis=-1), axis=-1)
     if images is not None:
-      labels = _label_crf(images, labels, tags, crf_iters, gt_prob)
+      labels = label_crf(images, labels, tags, crf_iters, gt_prob)
     return labels.astype(jnp.int32)
 
   fg = argmax_with(fg_th)
