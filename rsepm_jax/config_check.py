@@ -20,6 +20,7 @@ from absl import logging
 
 from rsepm_jax import inference
 from rsepm_jax import paper_eval
+from rsepm_jax import puzzle_train_step
 from rsepm_jax import state as state_lib
 from rsepm_jax import train_step
 from rsepm_jax.configs import demo
@@ -211,6 +212,15 @@ def _range_problems(config, reads_data=True):
   stride = rsepm.cam_stride(c.model.output_stride, c.model.last_stride)
   checks.append(("data.crop_size", c.model.arch != "rsepm" or c.data.crop_size % stride == 0,
                  f"a multiple of the CAM stride {stride} (model.output_stride x model.last_stride)"))
+  puzzle = c.model.arch == "rsepm" and c.method == "puzzlecam"
+  checks += [
+      ("method", c.method in puzzle_train_step.METHODS, f"one of {puzzle_train_step.METHODS}"),
+      ("model.with_decoder", not puzzle or not c.model.with_decoder,
+       "False for method='puzzlecam' (Puzzle-CAM trains the CAM classifier alone)"),
+      ("data.crop_size", not puzzle or c.data.crop_size % (2 * stride) == 0,
+       f"for method='puzzlecam' a multiple of twice the CAM stride ({2 * stride}): the CAMs of the "
+       "2x2 tiles must align with the crop's"),
+  ]
   checks.append(("data.train_mask_dir", c.model.arch != "rsepm" or not c.data.train_mask_dir,
                  "empty for model.arch='rsepm', which trains on image tags (training masks are "
                  "for the deeplab networks)"))
@@ -224,6 +234,7 @@ def _constructor_problems(config):
       ("mix", lambda: train_step.mix_settings(config)),
       ("train.mix_gating", lambda: train_step.resolve_mix_gating(config.train.mix_gating)),
       ("train.bn_stats", lambda: train_step.resolve_bn_stats(config.train.bn_stats)),
+      ("puzzle", lambda: puzzle_train_step.puzzle_settings(config)),
       ("model", lambda: state_lib.build_model(config)),  # arch and dtype
       ("data", lambda: transforms.train_transforms(config.data)),
   ]

@@ -23,6 +23,7 @@ from rsepm_jax import optimizer
 from rsepm_jax import paper_eval
 from rsepm_jax import parallel
 from rsepm_jax import preemption
+from rsepm_jax import puzzle_train_step
 from rsepm_jax import seg_train_step
 from rsepm_jax import state as state_lib
 from rsepm_jax import train_step
@@ -120,9 +121,12 @@ def _check_finite(pending):
 
 def step_module(config):
   """The module whose `make_train_step` trains `config.model.arch`: `train_step` (RS+EPM: CAM,
-  RecurSeed, mixing), `affinity_train_step` (the boundary network of the random walk, on
-  confident labels) or `seg_train_step` (the DeepLab networks on the masks of the train split,
-  e.g. the pseudo labels of `data.train_mask_dir`)."""
+  RecurSeed, mixing), `puzzle_train_step` (the same network trained by config.method =
+  "puzzlecam"), `affinity_train_step` (the boundary network of the random walk, on confident
+  labels) or `seg_train_step` (the DeepLab networks on the masks of the train split, e.g. the
+  pseudo labels of `data.train_mask_dir`)."""
+  if config.model.arch == "rsepm" and config.method == "puzzlecam":
+    return puzzle_train_step
   return {"rsepm": train_step, "affinity": affinity_train_step}.get(config.model.arch,
                                                                     seg_train_step)
 

@@ -12,6 +12,7 @@ from rsepm_jax import train_step
 from rsepm_jax.configs import coco
 from rsepm_jax.configs import coco_deeplab
 from rsepm_jax.configs import demo
+from rsepm_jax.configs import puzzlecam_voc
 from rsepm_jax.configs import voc
 from rsepm_jax.configs import voc_deeplab
 from rsepm_jax.configs import voc_rw
@@ -33,7 +34,8 @@ def _keys(config, prefix=""):
                                              (coco, ("", "r101", "smoke")),
                                              (voc_deeplab, ("", "smoke")),
                                              (voc_rw, ("", "smoke")),
-                                             (coco_deeplab, ("", "smoke"))])
+                                             (coco_deeplab, ("", "smoke")),
+                                             (puzzlecam_voc, ("", "resnet50", "smoke"))])
 def test_every_variant_has_exactly_the_demo_knobs(module, variants):
   demo_keys = _keys(demo.get_config())
   for variant in variants:
@@ -120,7 +122,8 @@ def test_class_count_mismatch_names_the_key():
     evaluate.class_names(config)
 
 
-@pytest.mark.parametrize("module", [voc, coco, demo, voc_deeplab, voc_rw, coco_deeplab])
+@pytest.mark.parametrize("module", [voc, coco, demo, voc_deeplab, voc_rw, coco_deeplab,
+                                    puzzlecam_voc])
 def test_unknown_variant_is_a_clear_error(module):
   with pytest.raises(ValueError, match="unknown variant 'typo'"):
     module.get_config("typo")

@@ -22,6 +22,9 @@ def get_config(arg=None):
                      "'ablation'.")
   config = ml_collections.ConfigDict()
   config.seed = 0  # seeds parameter init, data order, augmentation and dropout
+  # What model.arch="rsepm" trains: "rsepm" = CAM -> RecurSeed -> mixing (train_step.py) |
+  # "puzzlecam" = Puzzle-CAM's classifier (puzzle_train_step.py; model.with_decoder=False).
+  config.method = "rsepm"
 
   # ---------------------------------------------------------------------------- data
   config.data = ml_collections.ConfigDict()
@@ -37,7 +40,7 @@ def get_config(arg=None):
   config.data.crop_size = 96  # train crop S (spec 7.2: 512)
   config.data.resize_range = (80, 112)  # random long-side resize range, inclusive (spec: 320-640)
   config.data.hflip = True  # random horizontal flip, p = 0.5
-  config.data.color_jitter = (0.3, 0.3, 0.3, 0.1)  # brightness, contrast, saturation, hue
+  config.data.color_jitter = (0.3, 0.3, 0.3, 0.1)  # brightness, contrast, saturation, hue; 0s: off
   config.data.eval_size = 96  # eval images are padded to eval_size x eval_size
   config.data.num_workers = 0  # grain worker processes (0 = in the main process)
   config.data.read_threads = 2  # grain read threads per process
@@ -161,6 +164,17 @@ def get_config(arg=None):
   # Decoder source from the training pass with dropout (True) or from the decoder head re-run
   # on the same features without dropout, under stop_gradient (False).
   config.recurseed.decoder_source_dropout = False
+
+  # ---------------------------------------------------------------------------- Puzzle-CAM
+  # config.method = "puzzlecam": L = cls L_cls + pcls L_pcls + alpha(t) L_re (components spec A.3)
+  config.puzzle = ml_collections.ConfigDict()
+  config.puzzle.cls = 1.0  # weight of L_cls on the crops' CAM
+  config.puzzle.pcls = 1.0  # weight of L_pcls on the merged CAMs of the 2x2 tiles (Puzzle-CAM: 1)
+  config.puzzle.alpha_max = 4.0  # L_re's weight alpha grows linearly to this (Puzzle-CAM: 4) ...
+  config.puzzle.alpha_ramp = 0.5  # ... reached at this fraction of the schedule (Puzzle-CAM: 0.5)
+  # L_re between the two maps on the tagged classes: "feature" = raw CAM logits (Puzzle-CAM's
+  # default) | "cam" = relu, per-class max-normalised CAMs
+  config.puzzle.re_level = "feature"
 
   # ---------------------------------------------------------------------------- mixing
   config.mix = ml_collections.ConfigDict()

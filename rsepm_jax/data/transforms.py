@@ -247,7 +247,7 @@ def train_transforms(data_config):
     transforms.append(RandomResizeLongSide(*data_config.resize_range))
   if data_config.hflip:
     transforms.append(RandomHorizontalFlip())
-  if data_config.color_jitter is not None:
+  if data_config.color_jitter is not None and any(data_config.color_jitter):  # all 0: off
     transforms.append(ColorJitter(*data_config.color_jitter))
   transforms.append(RandomCrop(data_config.crop_size))
   return transforms
