@@ -281,8 +281,16 @@ def check_mode(config, mode):
   Every segmentation network trains and evaluates (the multi-stage ones, deeplabv3plus and
   deeplabv2, on their decoder alone); their export needs the "paper" protocol (spec 8.1, 9): the
   "single" one is RS+EPM's pseudo-label rule. The boundary network ("affinity") only trains.
+  A CAM-only RS+EPM network (`model.with_decoder=False`, Puzzle-CAM) runs every mode; its export
+  needs the "paper" or "confident" protocol (its multi-scale CAMs, components spec A.5): the
+  "single" one reads the decoder.
   """
   arch = config.model.arch
+  if arch == "rsepm" and not config.model.with_decoder and mode == "export" and (
+      config.export.protocol == "single"):
+    raise ConfigError(
+        "--mode=export of a CAM-only network (config.model.with_decoder=False) needs "
+        "--config.export.protocol=paper or confident: the 'single' protocol reads the decoder.")
   if arch == "rsepm" or arch not in networks.ARCHS:  # `validate` names an unknown arch
     return
   if arch == "affinity" and mode != "train":

@@ -9,12 +9,13 @@
             (multi-scale + flip over `config.inference`, the classes of the GT tags, the
             background of `config.inference.background`, the dense CRF with `config.export.crf`).
   "confident"  the affinity labels of the multi-stage pipeline (components spec D.2; IRNet's
-            `cam_to_ir_label`): the single-stage multi-scale + flip seeds of the GT tags
-            (`single_stage_seeds`) through `affinity_labels.confident_labels` with
-            `config.affinity` (fg_threshold, bg_threshold, crf): 0 confident background, c + 1
-            confident class c, 255 unsure.
-"paper" and "confident" are resumable (`write_missing_labels`): an image whose PNG exists is
-skipped without running the network.
+            `cam_to_ir_label`): the multi-scale + flip seeds of the GT tags
+            (`single_stage_seeds`: the decoder's, or a CAM-only network's A.5 CAMs) through
+            `affinity_labels.confident_labels` with `config.affinity` (fg_threshold,
+            bg_threshold, crf): 0 confident background, c + 1 confident class c, 255 unsure.
+"paper" and "confident" also take a CAM-only RS+EPM network (`config.model.with_decoder=False`,
+Puzzle-CAM: `inference`'s A.5 rule); "single" needs the decoder. They are resumable
+(`write_missing_labels`): an image whose PNG exists is skipped without running the network.
 Labels: 0 background, c + 1 class c. Written as VOC palette PNGs of the image's own size to
 `workdir/pseudo_labels/<split>/<id>.png` ("confident": `workdir/confident_labels/...`),
 atomically (`visualize.save_png`), each host its own share of the split
@@ -113,12 +114,13 @@ def write_missing_labels(batches, out_dir, label_images, progress=None, progress
 def single_stage_seeds(model, variables, images, tags, settings):
   """float32 `[H_i, W_i, C]` seeds of uint8 RGB `images [H_i, W_i, 3]`: the single-stage network's
   multi-scale + flip decoder foreground (`inference.multiscale_many` with `config.inference`
-  `settings`), each class divided by its maximum (+1e-5), the classes outside `tags[i]` (bool
-  `[C]`) 0 (spec 8.1 steps 1-3 with the GT tags)."""
+  `settings`; a CAM-only network: its multi-scale CAMs, components spec A.5), each class divided
+  by its maximum (+1e-5), the classes outside `tags[i]` (bool `[C]`) 0 (spec 8.1 steps 1-3 with
+  the GT tags)."""
   all_scores = inference.multiscale_config(model, variables, images, settings)
   seeds = []
   for scores, image_tags in zip(all_scores, tags):
-    if scores["stage2"]:
+    if scores["rule"] == "stage2":
       raise ValueError("The multi-stage seeds come from the single-stage RS+EPM network "
                        "(config.model.arch='rsepm'); a stage-2 network has none.")
     seeds.append(inference.segment(scores["pred_mask"], scores["pred_class"], image_tags,
@@ -165,8 +167,6 @@ def export_pseudo_labels(config, workdir, step=None, split=None, allow_config_ch
   `allow_config_change`: see `train.restore_for_inference`."""
   split = split or config.export.split
   config_check.check_mode(config, "export")
-  if config.model.arch == "rsepm" and not config.model.with_decoder:
-    raise ValueError("--mode=export needs the decoder (config.model.with_decoder=True).")
   if config.export.protocol == "confident" and config.model.arch != "rsepm":
     raise ValueError("--config.export.protocol=confident labels the seeds of the single-stage "
                      f"network (config.model.arch='rsepm'), not {config.model.arch!r}.")

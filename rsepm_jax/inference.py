@@ -1,4 +1,5 @@
-"""Multi-scale + flip inference on images of any size (spec 8.1; spec 9 for stage-2 networks).
+"""Multi-scale + flip inference on images of any size (spec 8.1; spec 9 for stage-2 networks;
+components spec A.5 for CAM-only networks).
 
 `multiscale` runs the image at each scale, `int(h*s) x int(w*s)` (bilinear, half-pixel), with its
 horizontal flip in the same batch. Single-stage network (spec 8.1): per view, the stride-4
@@ -8,8 +9,14 @@ un-flip are one composed gather, and softmax commutes with it. The probabilities
 `sigmoid(cls_logits)` are averaged over the views. Stage-2 networks (DeepLab, spec 9): per view,
 the logits are bilinearly resized straight to the image's size (two interpolation matrices, the
 un-flip folded in); the views' logits are summed and softmaxed (Puzzle-CAM's rule; or their
-softmaxes averaged: `stage2_merge`). `segment_scores` then gates the classes and adds the
-background (spec 8.1 steps 2, 3 and 5; stage 2: the softmax as is).
+softmaxes averaged: `stage2_merge`). CAM-only networks (`RSEPMNet` with `with_decoder=False`,
+Puzzle-CAM; IRNet's `make_cam`, components spec A.5): per scale, the relu CAMs of the view and of
+its flip un-flipped on the CAM grid are summed (A_s), bilinearly resized to
+`stride * ceil(H / stride)` (the CAM stride) and cropped to the image, summed over the scales and
+each class divided by its maximum (+1e-5). The official code resizes the views with PIL bicubic
+to `round(h*s)`; here every rule uses the same bilinear `int(h*s)` views. `segment_scores` then
+gates the classes and adds the background (spec 8.1 steps 2, 3 and 5, also for CAM-only
+networks; stage 2: the softmax as is).
 
 `multiscale_many` runs images of one size (one set of view shapes) together, `max_batch` per
 device call: one compilation per view shape and batch size.
@@ -28,6 +35,9 @@ import numpy as np
 from rsepm_jax import image_ops
 from rsepm_jax.models import rsepm
 
+# The rule of `multiscale`'s result "rule": spec 8.1 (RS+EPM with its decoder), spec 9 (DeepLab
+# networks, logits only), components spec A.5 (CAM-only networks: CAMs, no decoder).
+RULES = ("single_stage", "stage2", "cam")
 # config.inference.background: "power" = (1 - max_c seed_c) ** bg_gamma, "constant" = bg_threshold.
 BACKGROUNDS = ("power", "constant")
 # config.inference.stage2_merge: how a stage-2 network's views combine: "sum_logits" = softmax of
@@ -78,6 +88,21 @@ def _apply_views(model, variables, views):
           for key in ("seg_logits", "cams") if key in outputs}
 
 
+def _class_scores(cams, cam_valid):
+  """`[N, C]` sums over the views of `sigmoid(cls_logits)`: the mean of the CAMs `[N, V, h, w, C]`
+  over each view's valid cells `cam_valid [N, h, w]` (padding excluded)."""
+  valid = cam_valid[:, None, :, :, None]
+  cls_logits = jnp.sum(cams * valid, axis=(2, 3)) / jnp.sum(valid, axis=(2, 3))
+  return jnp.sum(jax.nn.sigmoid(cls_logits), axis=1)
+
+
+def _resize_views(maps, row_weights, col_weights):
+  """Maps `[N, V, h, w, K]` resized by interpolation matrices `row_weights [N, H, h]` and
+  `col_weights [N, V, W, w]` -> `[N, V, H, W, K]`."""
+  maps = jnp.einsum("nhy,nvyxk->nvhxk", row_weights, maps)
+  return jnp.einsum("nvhxk,nvwx->nvhwk", maps, col_weights)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _single_stage_sums(model, variables, views, seg_rows, seg_cols, cam_rows, cam_cols, cam_valid):
   """Per image, sums over its views `views [N, V, h, w, 3]` (normalised, padded) of
@@ -95,9 +120,7 @@ def _single_stage_sums(model, variables, views, seg_rows, seg_cols, cam_rows, ca
 
   probs = jax.vmap(gather)(jax.nn.softmax(seg_logits, axis=-1), seg_rows, seg_cols)
   heat = jax.vmap(gather)(jax.nn.relu(cams), cam_rows, cam_cols)
-  valid = cam_valid[:, None, :, :, None]
-  cls_logits = jnp.sum(cams * valid, axis=(2, 3)) / jnp.sum(valid, axis=(2, 3))
-  return probs, heat, jnp.sum(jax.nn.sigmoid(cls_logits), axis=1)
+  return probs, heat, _class_scores(cams, cam_valid)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -105,35 +128,55 @@ def _stage2_sums(model, variables, views, row_weights, col_weights):
   """Per image, sums over its views `[N, V, h, w, 3]` of (the softmax, the logits) `[N, H, W,
   C + 1]` of the logits bilinearly resized to the image: `row_weights [N, H, gh]`, `col_weights
   [N, V, W, gw]` (the un-flip folded in) are the interpolation matrices."""
-  logits = _apply_views(model, variables, views)["seg_logits"]
-  logits = jnp.einsum("nhy,nvyxk->nvhxk", row_weights, logits)
-  logits = jnp.einsum("nvhxk,nvwx->nvhwk", logits, col_weights)
+  logits = _resize_views(_apply_views(model, variables, views)["seg_logits"], row_weights,
+                         col_weights)
   return jnp.sum(jax.nn.softmax(logits, axis=-1), axis=1), jnp.sum(logits, axis=1)
 
 
-_STRIDES = {}  # model -> stride of its seg_logits, or None for the single-stage network
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _cam_sums(model, stride, variables, views, row_weights, col_weights, cam_valid):
+  """Per image, sums over its views `[N, V, h, w, 3]` of (the relu CAMs bilinearly resized to
+  the image `[N, H, W, C]`, `sigmoid(cls_logits)` `[N, C]`): `row_weights [N, H, gh]`,
+  `col_weights [N, V, W, gw]` (the un-flip on the CAM grid folded in), `cam_valid [N, gh, gw]`;
+  `stride`: the CAM stride."""
+  cams = _apply_views(model, variables, views)["cams"]
+  _check_grid(cams.shape[2:4], views.shape[2:4], stride, "CAMs")
+  heat = _resize_views(jax.nn.relu(cams), row_weights, col_weights)
+  return jnp.sum(heat, axis=1), _class_scores(cams, cam_valid)
 
 
-def stage2_stride(model, variables):
-  """None for the single-stage network (its outputs hold CAMs: spec 8.1's rule), else the
-  stride of a stage-2 network's logits (spec 9's rule), probed once per model."""
-  if model not in _STRIDES:
+_RULES = {}  # model -> (one of RULES, the stride of the maps that rule resizes)
+
+
+def inference_rule(model, variables):
+  """(rule, stride) of a network, probed once per model: ("single_stage", CAM stride) when its
+  outputs hold "seg_logits" and "cams" (spec 8.1), ("stage2", stride of its logits) with
+  "seg_logits" only (spec 9), ("cam", CAM stride) with "cams" only (components spec A.5)."""
+  if model not in _RULES:
     probe = 64
     shapes = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables,
                             jax.ShapeDtypeStruct((1, probe, probe, 3), jnp.float32))
-    if "seg_logits" not in shapes:
-      raise ValueError("Multi-scale inference needs the decoder (config.model.with_decoder=True).")
-    _STRIDES[model] = None if "cams" in shapes else probe // shapes["seg_logits"].shape[1]
-  return _STRIDES[model]
+    if "seg_logits" in shapes and "cams" in shapes:
+      _RULES[model] = ("single_stage", rsepm.cam_stride(model.output_stride, model.last_stride))
+    elif "seg_logits" in shapes:
+      _RULES[model] = ("stage2", probe // shapes["seg_logits"].shape[1])
+    elif "cams" in shapes:
+      _RULES[model] = ("cam", probe // shapes["cams"].shape[1])
+    else:
+      raise ValueError("Multi-scale inference needs a network with 'seg_logits' or 'cams' "
+                       f"outputs; got {sorted(shapes)}.")
+  return _RULES[model]
 
 
-def _bilinear_matrix(in_size, out_size, padded_in, padded_out):
+def _bilinear_matrix(in_size, out_size, padded_in, padded_out, resized=None):
   """`[padded_out, padded_in]` weights of `image_ops.resize_bilinear` from `in_size` to
-  `out_size` pixels (half-pixel, no antialias), zero outside."""
+  `resized` (default `out_size`) pixels (half-pixel, no antialias), the first `out_size` kept,
+  zero outside."""
+  resized = resized or out_size
   eye = np.eye(in_size, dtype=np.float32)[None, :, :, None]
   weights = np.zeros((padded_out, padded_in), np.float32)
   weights[:out_size, :in_size] = np.asarray(
-      image_ops.resize_bilinear(eye, (out_size, in_size)))[0, :, :, 0]
+      image_ops.resize_bilinear(eye, (resized, in_size)))[0, :out_size, :, 0]
   return weights
 
 
@@ -160,9 +203,17 @@ def _check_image(image):
   return image
 
 
+def _valid_cells(sizes, padded_h, padded_w, stride):
+  """bool `[N, gh, gw]`: the CAM cells of each view of `sizes` on the padded views' grid."""
+  valid = np.zeros((len(sizes), _grid(padded_h, stride), _grid(padded_w, stride)), bool)
+  for cells, (h, w) in zip(valid, sizes):
+    cells[:_grid(h, stride), :_grid(w, stride)] = True
+  return valid
+
+
 def _run_group(model, variables, images, scales, hflip, size_bucket, stage2_merge):
   """`multiscale` of images sharing one `_group_key`: one device call per scale."""
-  stride = stage2_stride(model, variables)
+  rule, stride = inference_rule(model, variables)
   shapes = [image.shape[:2] for image in images]
   out_h, out_w = _group_key(shapes[0], scales, size_bucket)[-1]
   num_flips = 2 if hflip else 1
@@ -182,7 +233,7 @@ def _run_group(model, variables, images, scales, hflip, size_bucket, stage2_merg
       flipped[:width] = cols[:width][::-1]
       return np.stack([cols, flipped][:num_flips])
 
-    if stride is None:
+    if rule == "single_stage":
       def sources(grid_stride):
         rows = np.stack([_composed_source(_grid(h, grid_stride), h, height, out_h)
                          for (h, _), (height, _) in zip(sizes, shapes)])
@@ -190,37 +241,54 @@ def _run_group(model, variables, images, scales, hflip, size_bucket, stage2_merg
                          for (_, w), (_, width) in zip(sizes, shapes)])
         return rows, cols
 
-      cam_stride = rsepm.cam_stride(model.output_stride, model.last_stride)
-      cam_valid = np.zeros((len(images), _grid(padded_h, cam_stride), _grid(padded_w, cam_stride)),
-                           bool)
-      for valid, (h, w) in zip(cam_valid, sizes):
-        valid[:_grid(h, cam_stride), :_grid(w, cam_stride)] = True
-      sums = _single_stage_sums(model, variables, views, *sources(SEG_STRIDE),
-                                *sources(cam_stride), cam_valid)
-    else:
+      sums = _single_stage_sums(model, variables, views, *sources(SEG_STRIDE), *sources(stride),
+                                _valid_cells(sizes, padded_h, padded_w, stride))
+    elif rule == "stage2":
       rows = np.stack([_bilinear_matrix(_grid(h, stride), height, _grid(padded_h, stride), out_h)
                        for (h, _), (height, _) in zip(sizes, shapes)])
       cols = np.stack([with_flip(_bilinear_matrix(_grid(w, stride), width,
                                                   _grid(padded_w, stride), out_w), width)
                        for (_, w), (_, width) in zip(sizes, shapes)])
       sums = _stage2_sums(model, variables, views, rows, cols)
+    else:  # "cam": resized to stride * ceil(H / stride), cropped; un-flipped on the CAM grid
+      def cam_matrix(view, size, padded_view, padded_out):
+        return _bilinear_matrix(_grid(view, stride), size, _grid(padded_view, stride), padded_out,
+                                resized=_grid(size, stride) * stride)
+
+      def with_grid_flip(cols, grid_width):  # [W', gw'] -> [V, W', gw']: cell x un-flipped
+        flipped = cols.copy()
+        flipped[:, :grid_width] = cols[:, :grid_width][:, ::-1]
+        return np.stack([cols, flipped][:num_flips])
+
+      rows = np.stack([cam_matrix(h, height, padded_h, out_h)
+                       for (h, _), (height, _) in zip(sizes, shapes)])
+      cols = np.stack([with_grid_flip(cam_matrix(w, width, padded_w, out_w), _grid(w, stride))
+                       for (_, w), (_, width) in zip(sizes, shapes)])
+      sums = _cam_sums(model, stride, variables, views, rows, cols,
+                       _valid_cells(sizes, padded_h, padded_w, stride))
     totals = sums if totals is None else [a + b for a, b in zip(totals, sums)]
   num_views = num_flips * len(scales)
   results = []
   for i, (height, width) in enumerate(shapes):
-    probs = np.asarray(totals[0][i], np.float32)[:height, :width] / num_views
-    if stride is not None and stage2_merge == "sum_logits":
-      logits = np.asarray(totals[1][i], np.float32)[:height, :width]
-      probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
-      probs /= probs.sum(axis=-1, keepdims=True)
-    if stride is None:
-      heat = np.asarray(totals[1][i], np.float32)[:height, :width] / num_views
-      pred_class = np.asarray(totals[2][i], np.float32) / num_views
-    else:
+    total = [np.asarray(part[i], np.float32) for part in totals]
+    if rule == "cam":  # A.5: the sum over the views, no mean; `segment` normalises it per class
+      heat = total[0][:height, :width]
+      probs = np.concatenate([np.zeros_like(heat[..., :1]), heat], axis=-1)
+      pred_class = total[1] / num_views
+    elif rule == "stage2":
+      probs = total[0][:height, :width] / num_views
+      if stage2_merge == "sum_logits":
+        logits = total[1][:height, :width]
+        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
       heat = probs[..., 1:]
       pred_class = heat.max(axis=(0, 1))
+    else:
+      probs = total[0][:height, :width] / num_views
+      heat = total[1][:height, :width] / num_views
+      pred_class = total[2] / num_views
     results.append({"pred_class": pred_class, "pred_mask": probs,
-                    "cams": heat / (heat.max(axis=(0, 1)) + 1e-5), "stage2": stride is not None})
+                    "cams": heat / (heat.max(axis=(0, 1)) + 1e-5), "rule": rule})
   return results
 
 
@@ -247,19 +315,23 @@ def multiscale_many(model, variables, images, scales=SCALES, hflip=True, size_bu
 
 def multiscale(model, variables, image, scales=SCALES, hflip=True, size_bucket=0,
                stage2_merge="sum_logits"):
-  """Averages a network over scales and flips (spec 8.1 step 1; spec 9 for stage-2 networks).
+  """Averages a network over scales and flips (spec 8.1 step 1; spec 9 for stage-2 networks;
+  components spec A.5 for CAM-only networks).
 
-  model, variables: the single-stage `RSEPMNet` (with its decoder) or a stage-2 network (its
-    outputs have no "cams"), with evaluation variables.
+  model, variables: the single-stage `RSEPMNet` (with its decoder), a stage-2 network (its
+    outputs have no "cams") or a CAM-only network (no "seg_logits": `RSEPMNet` with
+    `with_decoder=False`), with evaluation variables.
   image: uint8 RGB `[H, W, 3]`, any size.
   Returns numpy arrays:
     pred_mask: `[H, W, C + 1]`, the mean softmax (background first); stage 2: per
-      `stage2_merge`, by default the softmax of the summed logits;
+      `stage2_merge`, by default the softmax of the summed logits; CAM-only: channel 0 zero,
+      then the relu CAMs summed over the views (A.5's `hr_cam` before its normalisation);
     pred_class: `[C]`, the mean over views of `sigmoid(cls_logits)`; stage 2: the maximum of
       each class's probability over the image;
     cams: `[H, W, C]`, the mean relu CAM, nearest-resized like the logits, each class divided
-      by its maximum (+1e-5); stage 2: the class probabilities so normalised;
-  and `stage2`: whether the stage-2 rule was used.
+      by its maximum (+1e-5); stage 2: the class probabilities so normalised; CAM-only: A.5's
+      `hr_cam` (the bilinear sum of `pred_mask` so normalised);
+  and `rule`: the rule used, one of RULES.
   """
   return multiscale_many(model, variables, [image], scales, hflip, size_bucket,
                          stage2_merge=stage2_merge)[0]
@@ -303,8 +375,9 @@ def segment(pred_mask, pred_class, tags=None, conf_th=0.34, bg_gamma=2.0, bg_thr
 
 def segment_scores(scores, settings, tags=None):
   """`segment` of `multiscale` outputs by the rule of their network and `config.inference`
-  (`settings`): stage 2 gates by `stage2_class_th` and keeps the softmax as is."""
-  if scores["stage2"]:
+  (`settings`): stage 2 gates by `stage2_class_th` and keeps the softmax as is; the single-stage
+  and CAM-only rules gate by `conf_th` and add the background of `settings.background`."""
+  if scores["rule"] == "stage2":
     return segment(scores["pred_mask"], scores["pred_class"], tags,
                    conf_th=settings.stage2_class_th, softmax_as_is=True)
   constant = settings.background == "constant"

@@ -4,10 +4,13 @@ Per eval image at its own size (the padded record cropped back to its `crop_box`
 `inference.multiscale_many` over `config.inference.scales` (and flips; the images of a batch that
 share a size run together), `inference.segment_scores` with the classes of the network's scores
 (or the GT tags with `config.eval.gate_by_tags`) and the background of `config.inference` (stage-2
-networks: their softmax), then, with `config.eval.crf`, `refine.crf.dense_crf` on the image and
+networks: their softmax; CAM-only networks: their A.5 CAMs as seeds, with the same background
+rule as the decoder's), then, with `config.eval.crf`, `refine.crf.dense_crf` on the image and
 the background + kept-class channels, and the argmax. With `config.eval.seed_sweep`, the same
 multi-scale seeds are also scored without CRF against each constant background of the
-`eval.cam_threshold_*` sweep, gated by the GT tags (the paper's seed quality on train).
+`eval.cam_threshold_*` sweep, gated by the GT tags (the paper's seed quality on train; for a
+CAM-only network, Puzzle-CAM's threshold search, components spec A.6: "fp" / "fn" are means over
+the foreground classes, as A.6's evaluate.py).
 The confusion matrices are streamed (`metrics.confusion_matrix` per image, accumulated on the
 host in int64, GT 255 ignored), each host over its shard of the split, and summed over the
 hosts; no per-image scores are kept.
@@ -62,7 +65,7 @@ def predict_label(model, variables, image, config, tags=None, use_crf=True):
 def seed_sweep_confusions(scores, tags, gt, thresholds, num_classes):
   """int64 `[T, C + 1, C + 1]`: the seeds of `multiscale` outputs (foreground normalised by its
   maximum, GT `tags` only) against `gt [H, W]` with each constant background of `thresholds`."""
-  if scores["stage2"]:
+  if scores["rule"] == "stage2":
     raise ValueError("config.eval.seed_sweep scores the single-stage seeds; a stage-2 network "
                      "(config.model.arch) has none.")
   seeds = inference.segment(scores["pred_mask"], scores["pred_class"], tags, bg_threshold=0.0)

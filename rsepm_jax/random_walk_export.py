@@ -2,11 +2,15 @@
 
 Per image at its own size (the padded record cropped back to its `crop_box`):
   1. the single-stage seeds with the GT tags, `export.single_stage_seeds` (multi-scale + flip
-     over `config.inference`, each tagged class divided by its maximum, the others 0);
+     over `config.inference`, each tagged class divided by its maximum, the others 0; a CAM-only
+     network, `config.model.with_decoder=False` as Puzzle-CAM: its multi-scale CAMs, A.5's
+     `hr_cam`);
   2. `stride4_scores`: the seeds on the stride-4 grid ceil(H / 4) x ceil(W / 4), each cell the
      mean of its in-image pixels (area average), each class divided again by its maximum on the
-     grid (+1e-5). IRNet reads the network's stride-4 CAM, max-normalised on that grid; this is
-     the same map from the full-resolution seeds;
+     grid (+1e-5). IRNet / Puzzle-CAM read A.5's stride-4 `cam` (each scale's CAMs bilinearly
+     resized straight to that grid), max-normalised on it; this is the same map from the
+     full-resolution seeds (area average of the bilinear full-resolution map: close to, not
+     bit-equal to, the official one);
   3. the boundary map of `affinity.edge_maps` (image and flip, zero-padded to `edge_size`);
   4. `random_walk.random_walk_labels` (radius, beta, 2^exp_times steps, constant background):
      0 background, c + 1 class c, at the image's size.
@@ -93,17 +97,17 @@ def export_random_walk(config, rsepm_workdir, affinity_config, affinity_workdir,
   """Writes the random-walk labels of `split` (default `config.export.split`) to `out_dir`;
   returns how many PNGs this host wrote.
 
-  `config`: the single-stage RS+EPM run (its data, `config.inference` and the walk's
-  `config.rw`: radius, beta, exp_times, bg_threshold, edge_size), restored from
-  `rsepm_workdir`; `affinity_config` (`model.arch = "affinity"`): the boundary network, restored
-  from `affinity_workdir`. Steps default to the latest checkpoints; `allow_config_change`: see
-  `train.restore_for_inference`.
+  `config`: the single-stage RS+EPM run, with its decoder or CAM-only (its data,
+  `config.inference` and the walk's `config.rw`: radius, beta, exp_times, bg_threshold,
+  edge_size), restored from `rsepm_workdir`; `affinity_config` (`model.arch = "affinity"`): the
+  boundary network, restored from `affinity_workdir`. Steps default to the latest checkpoints;
+  `allow_config_change`: see `train.restore_for_inference`.
   """
   split = split or config.export.split
-  if config.model.arch != "rsepm" or not config.model.with_decoder:
-    raise ValueError("export_random_walk: the seeds come from the single-stage network with its "
-                     "decoder (config.model.arch='rsepm', config.model.with_decoder=True), got "
-                     f"arch={config.model.arch!r}, with_decoder={config.model.with_decoder}.")
+  if config.model.arch != "rsepm":
+    raise ValueError("export_random_walk: the seeds come from the single-stage network, with its "
+                     "decoder or CAM-only (config.model.arch='rsepm'), got "
+                     f"arch={config.model.arch!r}.")
   if affinity_config.model.arch != affinity.ARCH:
     raise ValueError(f"export_random_walk: affinity_config.model.arch must be {affinity.ARCH!r} "
                      f"(the boundary network), got {affinity_config.model.arch!r}.")

@@ -22,16 +22,17 @@ SIZE = 32  # the records' padded side
 IMAGE_SIZES = ((20, 28), (32, 24), (16, 32))  # (height, width) of the valid records
 
 
-def records():
-  """One batch of the 3 images padded to SIZE, then an invalid record holding a real image and
-  mask (it must not be counted), as `pipeline.eval_batches` yields; and the crops."""
+def records(image_sizes=IMAGE_SIZES):
+  """One batch of images of `image_sizes` padded to SIZE, then an invalid record holding a real
+  image and mask (it must not be counted), as `pipeline.eval_batches` yields; and the crops."""
   rng = np.random.RandomState(0)
-  batch = {"image": np.zeros((4, SIZE, SIZE, 3), np.uint8),
-           "mask": np.full((4, SIZE, SIZE), 255, np.uint8),
-           "labels": np.zeros((4, test_inference.NUM_CLASSES), np.float32),
-           "crop_box": np.zeros((4, 4), np.int32), "valid": np.array([True, True, True, False])}
+  n = len(image_sizes) + 1
+  batch = {"image": np.zeros((n, SIZE, SIZE, 3), np.uint8),
+           "mask": np.full((n, SIZE, SIZE), 255, np.uint8),
+           "labels": np.zeros((n, test_inference.NUM_CLASSES), np.float32),
+           "crop_box": np.zeros((n, 4), np.int32), "valid": np.arange(n) < n - 1}
   crops = []
-  for i, (h, w) in enumerate(IMAGE_SIZES + ((SIZE, SIZE),)):
+  for i, (h, w) in enumerate(tuple(image_sizes) + ((SIZE, SIZE),)):
     image = rng.randint(0, 256, (h, w, 3)).astype(np.uint8)
     mask = rng.randint(0, test_inference.NUM_CLASSES + 1, (h, w)).astype(np.uint8)
     mask[rng.rand(h, w) < 0.1] = 255
@@ -39,7 +40,7 @@ def records():
     batch["labels"][i] = [1, 0, 1] if i % 2 else [0, 1, 0]
     batch["crop_box"][i] = (0, 0, h, w)
     crops.append((image, mask, batch["labels"][i] > 0))
-  return batch, crops[:3]
+  return batch, crops[:-1]
 
 
 def expected_confusion(crops, config):
