@@ -14,6 +14,7 @@ M = loss.mix_start_epoch):
   rs_cam       cam at R         RS (CAM source): RecurSeed with the CAM as source throughout
   rs_decoder   rs_cam at D      RS (decoder source): the decoder becomes the source at D
   rs_<mix>     base at M        RS+CutMix, RS+ClassMix, RS+EPM: the config's recipe plus mixing
+                                (`--mixes` also takes saliency_grafting and cda)
   variants     (as their row)   the config's recipe with one reconstruction knob flipped
 
 "base" is rs_decoder when the config's `loss.decoder_source_epoch` lies inside the schedule,
@@ -58,7 +59,9 @@ from rsepm_jax.refine import recurseed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the runs and ablation.json.")
-_MIXES = flags.DEFINE_list("mixes", ["cutmix", "classmix", "epm"], "Mixing kinds to compare.")
+_MIXES = flags.DEFINE_list(
+    "mixes", ["cutmix", "classmix", "epm"],
+    "Mixing kinds to compare: cutmix, classmix, epm, saliency_grafting, cda.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (config.seed) to run.")
 _OUTPUT = flags.DEFINE_string("output", "ablation.json", "Table file name in --workdir.")
 _VARIANTS = flags.DEFINE_list(
@@ -69,7 +72,8 @@ _VARIANTS = flags.DEFINE_list(
     "(empty: none).")
 
 CAM_ROWS = ("CAM", "CAM+SCG", "CAM+PAMR", "CAM+SCG+PAMR")
-MIX_ROW_NAMES = {"cutmix": "RS+CutMix", "classmix": "RS+ClassMix", "epm": "RS+EPM"}
+MIX_ROW_NAMES = {"cutmix": "RS+CutMix", "classmix": "RS+ClassMix", "epm": "RS+EPM",
+                 "saliency_grafting": "RS+SaliencyGrafting", "cda": "RS+CDA"}
 
 
 def row_scores(row, outputs, images, labels, settings):

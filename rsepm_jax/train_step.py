@@ -197,6 +197,8 @@ def make_loss_fns(model, config):
     total = loss_config.cls * terms["cls"] + loss_config.seg * terms["seg"] + loss_config.cam * terms["cam"]
     mix_inputs = {"images": images, "seeds": seeds, "probs": probs, "labels": batch["labels"],
                   "crop_box": batch["crop_box"]}
+    if config.mix.kind in edge_predict_mix.CAM_KINDS:  # Saliency Grafting's saliency
+      mix_inputs["cams"] = outputs["cams"]
     return lax.pmean(total, DATA_AXIS), (terms, batch_stats, mix_inputs, outputs["cams"])
 
   def compute_mixed_loss(params, batch_stats, mixed, dropout_rng):

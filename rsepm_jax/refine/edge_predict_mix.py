@@ -1,4 +1,7 @@
-"""EdgePredictMix, CutMix and ClassMix of a training batch (spec 5.2, a reconstruction).
+"""EdgePredictMix and the baseline mixes of a training batch (spec 5.2, a reconstruction).
+
+The baselines: CutMix and ClassMix (below), Saliency Grafting (`saliency_grafting.py`) and CDA
+(`context_decoupling.py`), which give this module their paste masks (CDA: and the moved partner).
 
 Every choice is a field of `MixSettings`. For every image i of a batch and its partner j (a random permutation of the batch):
 
@@ -27,9 +30,15 @@ import jax.numpy as jnp
 from rsepm_jax import image_ops
 from rsepm_jax.refine import canny as canny_lib
 from rsepm_jax.refine import components
+from rsepm_jax.refine import context_decoupling
+from rsepm_jax.refine import saliency_grafting
 
 IGNORE = 255
-_KINDS = ("epm", "cutmix", "classmix")
+_KINDS = ("epm", "cutmix", "classmix", "saliency_grafting", "cda")
+# Kinds that read the CAMs `[B, hc, wc, C]` of both images (a "cams" entry of the batches).
+CAM_KINDS = ("saliency_grafting",)
+_LABEL_MIXINGS = ("calibrated", "union")
+_CDA_INSTANCES = ("class", "component")
 _EDGE_SOURCES = ("probability", "canny", "both")
 _CLASS_SUBSETS = ("all", "half")
 _MIX_TARGETS = ("completed", "seeds")
@@ -42,7 +51,7 @@ _GRAY_SHIFT = 14
 @dataclasses.dataclass(frozen=True)
 class MixSettings:
   """Static mixing knobs (spec 5.2); the defaults are the spec's proposal."""
-  kind: str = "epm"  # epm | cutmix | classmix
+  kind: str = "epm"  # epm | cutmix | classmix | saliency_grafting | cda
   edge_source: str = "probability"  # EPM edges: probability | canny | both (their OR)
   edge_low_th: float = 0.10  # thresholding: median over the edge values >= low_th ...
   edge_sigma: float = 0.25  # ... edge = value >= min(1, (1 + sigma) * median)
@@ -59,14 +68,31 @@ class MixSettings:
   # in the 3x3 ring across the boundary of M_j where the two mixed labels differ.
   edge_band: str = "pasted_edges"
   drop_covered_classes: bool = False  # drop a class of i whose seed is entirely covered
+  # Saliency Grafting (`saliency_grafting.py`, a reconstruction):
+  sg_temperature: float = 0.2  # softmax temperature of the saliency over the cells; 0: max-norm
+  sg_threshold: float = 1.0  # candidate cells: saliency > threshold * its mean over the image
+  sg_patch: int = 4  # side of the patches kept or dropped together, in seed cells
+  sg_keep_prob: float = 0.5  # Bernoulli probability of keeping a patch of candidates
+  sg_label_mixing: str = "calibrated"  # calibrated: y_i + lambda (y_j - y_i) | union: y_i | pasted
+  # CDA (`context_decoupling.py`, a reconstruction):
+  cda_instances: str = "component"  # the pasted object: all of a class | its largest component
+  cda_translate: bool = True  # move the object to a random place (False: paste it in place)
 
   def __post_init__(self):
     for name, allowed in (("kind", _KINDS), ("edge_source", _EDGE_SOURCES),
                           ("class_subset", _CLASS_SUBSETS), ("mix_targets", _MIX_TARGETS),
-                          ("edge_band", _EDGE_BANDS)):
+                          ("edge_band", _EDGE_BANDS), ("sg_label_mixing", _LABEL_MIXINGS),
+                          ("cda_instances", _CDA_INSTANCES)):
       if getattr(self, name) not in allowed:
         raise ValueError(
             f"MixSettings.{name}={getattr(self, name)!r}; expected one of {allowed}.")
+    for name, ok, expected in (
+        ("sg_temperature", self.sg_temperature >= 0, ">= 0"),
+        ("sg_threshold", self.sg_threshold > 0, "> 0"),
+        ("sg_patch", self.sg_patch >= 1, ">= 1"),
+        ("sg_keep_prob", 0 < self.sg_keep_prob <= 1, "in (0, 1]")):
+      if not ok:
+        raise ValueError(f"MixSettings.{name}={getattr(self, name)!r}; expected {expected}.")
 
 
 def probability_edges(probs):
@@ -255,7 +281,7 @@ def _boundary_band(mask):
   return dilated != eroded
 
 
-def _check_shapes(images, seeds, probs, labels, crop_box):
+def _check_shapes(images, seeds, probs, labels, crop_box, cams=None):
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"mix: images must be [B, H, W, 3], got {images.shape}.")
   batch, height, width = images.shape[:3]
@@ -272,6 +298,10 @@ def _check_shapes(images, seeds, probs, labels, crop_box):
                      f"got {labels.shape}.")
   if crop_box.shape != (batch, 4):
     raise ValueError(f"mix: crop_box must be [B={batch}, 4], got {crop_box.shape}.")
+  if cams is not None and (cams.ndim != 4 or cams.shape[0] != batch
+                           or cams.shape[-1] != labels.shape[1]):
+    raise ValueError(f"mix: cams must be [B={batch}, hc, wc, C={labels.shape[1]}], got "
+                     f"{cams.shape}.")
 
 
 BATCH_FIELDS = ("images", "seeds", "probs", "labels", "crop_box")
@@ -288,38 +318,61 @@ def mix_pairs(keys, target, partner, settings):
       seeds: int [B, h, w] RecurSeed seeds (0 background, c + 1 class c, 255 ignore),
       probs: [B, h, w, C + 1] refined probabilities, background first (EPM edges),
       labels: [B, C] multi-hot tags,
-      crop_box: int [B, 4] valid region (top, left, bottom, right) in image pixels.
+      crop_box: int [B, 4] valid region (top, left, bottom, right) in image pixels,
+      cams: [B, hc, wc, C] raw CAMs (only for the `CAM_KINDS`).
     settings: `MixSettings` (static).
 
   Returns:
     dict with `images [B, H, W, 3]`, `seeds int32 [B, h, w]`, `labels [B, C]` (dtype of the
-    input), `crop_box int32 [B, 4]` (union of both boxes) and `paste_mask bool [B, h, w]`
-    (M_j: the pixels that come from the partner).
+    input; float32 for Saliency Grafting's calibrated labels), `crop_box int32 [B, 4]` (union of
+    both boxes; CDA: the partner's moved with its object) and `paste_mask bool [B, h, w]` (M_j:
+    the pixels that come from the partner).
   """
+  fields = BATCH_FIELDS + (("cams",) if settings.kind in CAM_KINDS else ())
   for batch in (target, partner):
-    _check_shapes(*(batch[name] for name in BATCH_FIELDS))
+    missing = [name for name in fields if name not in batch]
+    if missing:
+      raise ValueError(f"mix: kind {settings.kind!r} needs the batch fields {missing} "
+                       f"(expected {fields}).")
+    _check_shapes(*(batch[name] for name in fields))
   target, partner = (
-      {name: lax.stop_gradient(batch[name]) for name in BATCH_FIELDS} for batch in (target, partner))
+      {name: lax.stop_gradient(batch[name]) for name in fields} for batch in (target, partner))
   seeds, partner_seeds = (b["seeds"].astype(jnp.int32) for b in (target, partner))
   crop_box, partner_box = (b["crop_box"].astype(jnp.int32) for b in (target, partner))
   images, labels = target["images"], target["labels"]
+  partner_images = partner["images"]
   height, width = images.shape[1:3]
   mask_size = seeds.shape[1:]
   num_classes = target["probs"].shape[-1] - 1
+
+  def valid_cells(box):
+    return image_ops.box_mask(image_ops.scale_box(box, height // mask_size[0]), mask_size)
 
   def edges_and_completion(batch, batch_seeds, box):
     edges = predicted_edges(batch["probs"], batch["images"], settings)
     if not settings.fill_regions:
       return edges, batch_seeds
-    valid = image_ops.box_mask(image_ops.scale_box(box, height // mask_size[0]), mask_size)
-    return edges, fill_regions(batch_seeds, edges, num_classes, valid)
+    return edges, fill_regions(batch_seeds, edges, num_classes, valid_cells(box))
 
   # What the partner pastes: its region seeds and paste mask.
+  if settings.kind == "cda":  # the partner moves with its object
+    paste, moved = context_decoupling.paste_object(
+        keys, {"images": partner_images, "seeds": partner_seeds, "crop_box": partner_box},
+        _class_presence(partner_seeds, num_classes),
+        image_ops.scale_box(crop_box, height // mask_size[0]), settings)
+    partner_images, partner_seeds, partner_box = moved["images"], moved["seeds"], moved["crop_box"]
   region_seeds = partner_seeds
   edges = None
   if settings.kind == "cutmix":
     paste = _random_rectangles(keys, mask_size)
-  else:
+  elif settings.kind == "saliency_grafting":
+    target_saliency, partner_saliency = (
+        saliency_grafting.saliency(b["cams"], b["labels"], valid_cells(box),
+                                   settings.sg_temperature)
+        for b, box in ((target, crop_box), (partner, partner_box)))
+    paste = saliency_grafting.graft_mask(keys, partner_saliency, valid_cells(partner_box),
+                                         settings)
+  elif settings.kind in ("epm", "classmix"):
     if settings.kind == "epm":
       edges, region_seeds = edges_and_completion(partner, partner_seeds, partner_box)
     present = _class_presence(region_seeds, num_classes)
@@ -348,34 +401,41 @@ def mix_pairs(keys, target, partner, settings):
     visible = _class_presence(base_seeds, num_classes, ~paste)
     tags &= ~(had & ~visible)
   mixed_labels = (tags | pasted).astype(labels.dtype)
+  if settings.kind == "saliency_grafting" and settings.sg_label_mixing == "calibrated":
+    lam = saliency_grafting.calibrated_lambda(target_saliency, partner_saliency, paste)
+    partner_labels = jnp.maximum(partner["labels"].astype(jnp.float32), pasted)
+    mixed_labels = saliency_grafting.calibrated_labels(labels, partner_labels, lam)
 
   paste_pixels = image_ops.resize_nearest(paste, (height, width))[..., None]
-  mixed_images = jnp.where(paste_pixels, partner["images"], images)
+  mixed_images = jnp.where(paste_pixels, partner_images, images)
   mixed_box = jnp.concatenate([jnp.minimum(crop_box[:, :2], partner_box[:, :2]),
                                jnp.maximum(crop_box[:, 2:], partner_box[:, 2:])], axis=1)
   return {"images": mixed_images, "seeds": mixed_seeds, "labels": mixed_labels,
           "crop_box": mixed_box, "paste_mask": paste}
 
 
-def mix_with_partner(partner, rng, images, seeds, probs, labels, crop_box, settings):
+def mix_with_partner(partner, rng, images, seeds, probs, labels, crop_box, settings, cams=None):
   """Mixes every image i with image `partner[i]` = j of the same batch (spec 5.2 step 3).
 
-  Args as in `mix_pairs` (the batch fields given separately), plus `partner int [B]` (a
-  permutation; identity mixes nothing) and `rng`, split into one key per image. Returns
-  `mix_pairs`' dict plus `partner int32 [B]`.
+  Args as in `mix_pairs` (the batch fields given separately; `cams` only for the `CAM_KINDS`),
+  plus `partner int [B]` (a permutation; identity mixes nothing) and `rng`, split into one key
+  per image. Returns `mix_pairs`' dict plus `partner int32 [B]`.
   """
   partner = partner.astype(jnp.int32)
   target = dict(zip(BATCH_FIELDS, (images, seeds, probs, labels, crop_box)))
+  if cams is not None:
+    target["cams"] = cams
   keys = jax.random.split(rng, images.shape[0])
   mixed = mix_pairs(keys, target, {k: v[partner] for k, v in target.items()}, settings)
   return {**mixed, "partner": partner}
 
 
-def mix_batch(rng, images, seeds, probs, labels, crop_box, settings):
-  """EPM / CutMix / ClassMix of a batch with a random permutation of itself (spec 5.2).
+def mix_batch(rng, images, seeds, probs, labels, crop_box, settings, cams=None):
+  """`settings.kind`'s mix of a batch with a random permutation of itself (spec 5.2).
 
   Args and returns as in `mix_with_partner`; `rng` draws the partner permutation as well.
   """
   partner_key, mix_key = jax.random.split(rng)
   partner = jax.random.permutation(partner_key, images.shape[0])
-  return mix_with_partner(partner, mix_key, images, seeds, probs, labels, crop_box, settings)
+  return mix_with_partner(partner, mix_key, images, seeds, probs, labels, crop_box, settings,
+                          cams)
