@@ -178,7 +178,7 @@ def get_config(arg=None):
 
   # ---------------------------------------------------------------------------- mixing
   config.mix = ml_collections.ConfigDict()
-  config.mix.kind = "epm"  # epm | cutmix | classmix | none
+  config.mix.kind = "epm"  # epm | cutmix | classmix | saliency_grafting | cda | none
   config.mix.edge_source = "probability"  # EPM edges: probability | canny | both
   config.mix.edge_low_th = 0.10  # edge thresholding: median over values >= low_th ...
   config.mix.edge_sigma = 0.25  # ... edge where value >= (1 + sigma) * median
@@ -195,6 +195,15 @@ def get_config(arg=None):
   # 5.2 step 3) | "label_change" = edges in the ring across the mask's boundary where labels differ.
   config.mix.edge_band = "pasted_edges"
   config.mix.drop_covered_classes = False  # drop tags whose seed is entirely covered
+  # Saliency Grafting (kind=saliency_grafting; docs/algorithm.md 5.3), saliency = tagged relu CAM:
+  config.mix.sg_temperature = 0.2  # softmax temperature over the cells; 0 = max-normalisation
+  config.mix.sg_threshold = 1.0  # graft candidates: saliency > threshold * its mean
+  config.mix.sg_patch = 4  # candidates are kept or dropped in square patches of this many cells
+  config.mix.sg_keep_prob = 0.5  # Bernoulli probability of keeping a patch
+  config.mix.sg_label_mixing = "calibrated"  # y_i + lambda (y_j - y_i) | union: y_i | pasted
+  # CDA (kind=cda): one random class of the partner's seed pasted onto the target
+  config.mix.cda_instances = "component"  # component: its largest 4-connected part | class: all
+  config.mix.cda_translate = True  # paste at a random place inside the target (False: in place)
 
   # ---------------------------------------------------------------------------- evaluation
   config.eval = ml_collections.ConfigDict()
