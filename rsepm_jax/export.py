@@ -111,21 +111,22 @@ def write_missing_labels(batches, out_dir, label_images, progress=None, progress
   return written, skipped
 
 
+def tagged_seeds(scores, tags):
+  """float32 `[H, W, C]` seeds of `inference.multiscale` outputs `scores`: the foreground (the
+  decoder's, or a CAM-only network's A.5 CAMs), each class divided by its maximum (+1e-5), the
+  classes outside `tags` (bool `[C]`) 0 (spec 8.1 steps 1-3 with the GT tags)."""
+  if scores["rule"] == "stage2":
+    raise ValueError("The multi-stage seeds come from the single-stage RS+EPM network "
+                     "(config.model.arch='rsepm'); a stage-2 network has none.")
+  return inference.segment(scores["pred_mask"], scores["pred_class"], tags,
+                           bg_threshold=0.0)["probs"][..., 1:]
+
+
 def single_stage_seeds(model, variables, images, tags, settings):
-  """float32 `[H_i, W_i, C]` seeds of uint8 RGB `images [H_i, W_i, 3]`: the single-stage network's
-  multi-scale + flip decoder foreground (`inference.multiscale_many` with `config.inference`
-  `settings`; a CAM-only network: its multi-scale CAMs, components spec A.5), each class divided
-  by its maximum (+1e-5), the classes outside `tags[i]` (bool `[C]`) 0 (spec 8.1 steps 1-3 with
-  the GT tags)."""
+  """`tagged_seeds` of uint8 RGB `images [H_i, W_i, 3]` with `tags[i]`, by
+  `inference.multiscale_many` with `config.inference` `settings` (multi-scale + flip)."""
   all_scores = inference.multiscale_config(model, variables, images, settings)
-  seeds = []
-  for scores, image_tags in zip(all_scores, tags):
-    if scores["rule"] == "stage2":
-      raise ValueError("The multi-stage seeds come from the single-stage RS+EPM network "
-                       "(config.model.arch='rsepm'); a stage-2 network has none.")
-    seeds.append(inference.segment(scores["pred_mask"], scores["pred_class"], image_tags,
-                                   bg_threshold=0.0)["probs"][..., 1:])
-  return seeds
+  return [tagged_seeds(scores, image_tags) for scores, image_tags in zip(all_scores, tags)]
 
 
 def write_paper_labels(model, variables, config, batches, out_dir, progress=None):

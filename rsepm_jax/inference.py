@@ -13,7 +13,9 @@ softmaxes averaged: `stage2_merge`). CAM-only networks (`RSEPMNet` with `with_de
 Puzzle-CAM; IRNet's `make_cam`, components spec A.5): per scale, the relu CAMs of the view and of
 its flip un-flipped on the CAM grid are summed (A_s), bilinearly resized to
 `stride * ceil(H / stride)` (the CAM stride) and cropped to the image, summed over the scales and
-each class divided by its maximum (+1e-5). The official code resizes the views with PIL bicubic
+each class divided by its maximum (+1e-5) (A.5's `hr_cam`); A.5's `cam`, the random walk's seeds,
+resizes each A_s straight to the stride-4 grid `ceil(H / 4) x ceil(W / 4)` instead. The official
+code resizes the views with PIL bicubic
 to `round(h*s)`; here every rule uses the same bilinear `int(h*s)` views. `segment_scores` then
 gates the classes and adds the background (spec 8.1 steps 2, 3 and 5, also for CAM-only
 networks; stage 2: the softmax as is).
@@ -33,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rsepm_jax import image_ops
+from rsepm_jax.models import affinity
 from rsepm_jax.models import rsepm
 
 # The rule of `multiscale`'s result "rule": spec 8.1 (RS+EPM with its decoder), spec 9 (DeepLab
@@ -46,6 +49,7 @@ STAGE2_MERGES = ("sum_logits", "mean_softmax")
 
 SCALES = (1.0, 0.5, 1.5, 2.0)
 SEG_STRIDE = 4  # the decoder's logits: stride 4 (spec 1.3)
+RW_STRIDE = affinity.EDGE_STRIDE  # the random walk's grid: A.5's `cam` of CAM-only networks
 
 
 def _grid(size, stride):
@@ -134,15 +138,17 @@ def _stage2_sums(model, variables, views, row_weights, col_weights):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _cam_sums(model, stride, variables, views, row_weights, col_weights, cam_valid):
+def _cam_sums(model, stride, variables, views, rows, cols, rw_rows, rw_cols, cam_valid):
   """Per image, sums over its views `[N, V, h, w, 3]` of (the relu CAMs bilinearly resized to
-  the image `[N, H, W, C]`, `sigmoid(cls_logits)` `[N, C]`): `row_weights [N, H, gh]`,
-  `col_weights [N, V, W, gw]` (the un-flip on the CAM grid folded in), `cam_valid [N, gh, gw]`;
-  `stride`: the CAM stride."""
+  the image `[N, H, W, C]`, and to the random walk's grid `[N, H4, W4, C]`,
+  `sigmoid(cls_logits)` `[N, C]`): `rows [N, H, gh]`, `cols [N, V, W, gw]` and `rw_rows`,
+  `rw_cols` likewise (the un-flip on the CAM grid folded in) are the interpolation matrices,
+  `cam_valid [N, gh, gw]`; `stride`: the CAM stride."""
   cams = _apply_views(model, variables, views)["cams"]
   _check_grid(cams.shape[2:4], views.shape[2:4], stride, "CAMs")
-  heat = _resize_views(jax.nn.relu(cams), row_weights, col_weights)
-  return jnp.sum(heat, axis=1), _class_scores(cams, cam_valid)
+  heat = jax.nn.relu(cams)
+  return (jnp.sum(_resize_views(heat, rows, cols), axis=1),
+          jnp.sum(_resize_views(heat, rw_rows, rw_cols), axis=1), _class_scores(cams, cam_valid))
 
 
 _RULES = {}  # model -> (one of RULES, the stride of the maps that rule resizes)
@@ -250,31 +256,41 @@ def _run_group(model, variables, images, scales, hflip, size_bucket, stage2_merg
                                                   _grid(padded_w, stride), out_w), width)
                        for (_, w), (_, width) in zip(sizes, shapes)])
       sums = _stage2_sums(model, variables, views, rows, cols)
-    else:  # "cam": resized to stride * ceil(H / stride), cropped; un-flipped on the CAM grid
-      def cam_matrix(view, size, padded_view, padded_out):
-        return _bilinear_matrix(_grid(view, stride), size, _grid(padded_view, stride), padded_out,
-                                resized=_grid(size, stride) * stride)
-
+    else:  # "cam" (A.5): un-flipped on the CAM grid
       def with_grid_flip(cols, grid_width):  # [W', gw'] -> [V, W', gw']: cell x un-flipped
         flipped = cols.copy()
         flipped[:, :grid_width] = cols[:, :grid_width][:, ::-1]
         return np.stack([cols, flipped][:num_flips])
 
-      rows = np.stack([cam_matrix(h, height, padded_h, out_h)
-                       for (h, _), (height, _) in zip(sizes, shapes)])
-      cols = np.stack([with_grid_flip(cam_matrix(w, width, padded_w, out_w), _grid(w, stride))
-                       for (_, w), (_, width) in zip(sizes, shapes)])
-      sums = _cam_sums(model, stride, variables, views, rows, cols,
+      def cam_matrices(view_sizes, image_sizes, padded_view, padded_out, rw):
+        """Per image: to stride * ceil(n / stride) cropped to n (`hr_cam`), or with `rw`
+        straight to ceil(n / RW_STRIDE) (`cam`)."""
+        return [_bilinear_matrix(_grid(view, stride), _grid(n, RW_STRIDE) if rw else n,
+                                 _grid(padded_view, stride), padded_out,
+                                 resized=None if rw else _grid(n, stride) * stride)
+                for view, n in zip(view_sizes, image_sizes)]
+
+      weights = []
+      for rw in (False, True):
+        out_rows, out_cols = (_grid(out_h, RW_STRIDE), _grid(out_w, RW_STRIDE)) if rw else (
+            out_h, out_w)
+        rows = cam_matrices([h for h, _ in sizes], [h for h, _ in shapes], padded_h, out_rows, rw)
+        cols = cam_matrices([w for _, w in sizes], [w for _, w in shapes], padded_w, out_cols, rw)
+        weights += [np.stack(rows), np.stack([with_grid_flip(c, _grid(w, stride))
+                                              for c, (_, w) in zip(cols, sizes)])]
+      sums = _cam_sums(model, stride, variables, views, *weights,
                        _valid_cells(sizes, padded_h, padded_w, stride))
     totals = sums if totals is None else [a + b for a, b in zip(totals, sums)]
   num_views = num_flips * len(scales)
   results = []
   for i, (height, width) in enumerate(shapes):
     total = [np.asarray(part[i], np.float32) for part in totals]
+    extra = {}
     if rule == "cam":  # A.5: the sum over the views, no mean; `segment` normalises it per class
       heat = total[0][:height, :width]
       probs = np.concatenate([np.zeros_like(heat[..., :1]), heat], axis=-1)
-      pred_class = total[1] / num_views
+      extra["rw_cams"] = total[1][:_grid(height, RW_STRIDE), :_grid(width, RW_STRIDE)]
+      pred_class = total[2] / num_views
     elif rule == "stage2":
       probs = total[0][:height, :width] / num_views
       if stage2_merge == "sum_logits":
@@ -288,7 +304,7 @@ def _run_group(model, variables, images, scales, hflip, size_bucket, stage2_merg
       heat = total[1][:height, :width] / num_views
       pred_class = total[2] / num_views
     results.append({"pred_class": pred_class, "pred_mask": probs,
-                    "cams": heat / (heat.max(axis=(0, 1)) + 1e-5), "rule": rule})
+                    "cams": heat / (heat.max(axis=(0, 1)) + 1e-5), "rule": rule, **extra})
   return results
 
 
@@ -331,6 +347,9 @@ def multiscale(model, variables, image, scales=SCALES, hflip=True, size_bucket=0
     cams: `[H, W, C]`, the mean relu CAM, nearest-resized like the logits, each class divided
       by its maximum (+1e-5); stage 2: the class probabilities so normalised; CAM-only: A.5's
       `hr_cam` (the bilinear sum of `pred_mask` so normalised);
+    rw_cams (CAM-only networks only): `[ceil(H / 4), ceil(W / 4), C]`, A.5's `cam` before its
+      normalisation: each view's relu CAMs (flip un-flipped on the grid) bilinearly resized
+      straight to the random walk's grid, summed;
   and `rule`: the rule used, one of RULES.
   """
   return multiscale_many(model, variables, [image], scales, hflip, size_bucket,

@@ -1,16 +1,16 @@
 """Random-walk pseudo labels of the multi-stage pipeline (spec 9 step 2; components spec D.2).
 
 Per image at its own size (the padded record cropped back to its `crop_box`):
-  1. the single-stage seeds with the GT tags, `export.single_stage_seeds` (multi-scale + flip
-     over `config.inference`, each tagged class divided by its maximum, the others 0; a CAM-only
-     network, `config.model.with_decoder=False` as Puzzle-CAM: its multi-scale CAMs, A.5's
-     `hr_cam`);
+  1. the single-stage seeds with the GT tags, `export.tagged_seeds` (multi-scale + flip over
+     `config.inference`, each tagged class divided by its maximum, the others 0);
   2. `stride4_scores`: the seeds on the stride-4 grid ceil(H / 4) x ceil(W / 4), each cell the
      mean of its in-image pixels (area average), each class divided again by its maximum on the
-     grid (+1e-5). IRNet / Puzzle-CAM read A.5's stride-4 `cam` (each scale's CAMs bilinearly
-     resized straight to that grid), max-normalised on it; this is the same map from the
-     full-resolution seeds (area average of the bilinear full-resolution map: close to, not
-     bit-equal to, the official one);
+     grid (+1e-5). A CAM-only network (`config.model.with_decoder=False`, Puzzle-CAM) gives
+     IRNet's seeds instead, A.5's stride-4 `cam` (`inference.multiscale`'s "rw_cams": each
+     view's CAMs bilinearly resized straight to that grid, summed), tagged classes only, each
+     divided by its maximum (+1e-5). That map is not the area average of the full-resolution
+     `hr_cam` when H or W is not a multiple of the CAM stride: `hr_cam` is cropped from
+     stride * ceil(H / stride) pixels, `cam` stretches the CAM grid over the image;
   3. the boundary map of `affinity.edge_maps` (image and flip, zero-padded to `edge_size`);
   4. `random_walk.random_walk_labels` (radius, beta, 2^exp_times steps, constant background):
      0 background, c + 1 class c, at the image's size.
@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from rsepm_jax import export
+from rsepm_jax import inference
 from rsepm_jax import metric_writer
 from rsepm_jax import parallel
 from rsepm_jax import train
@@ -57,17 +58,32 @@ def stride4_scores(seeds):
   return scores / (scores.max(axis=(0, 1)) + 1e-5)
 
 
+def walk_seeds(model, variables, images, tags, settings):
+  """float32 `[ceil(H_i / 4), ceil(W_i / 4), C]` seeds of the walk (module docstring, steps 1-2)
+  of uint8 RGB `images [H_i, W_i, 3]` with GT `tags` (bool `[C]` each), by
+  `inference.multiscale_many` with `config.inference` `settings`."""
+  seeds = []
+  for scores, image_tags in zip(inference.multiscale_config(model, variables, images, settings),
+                                tags):
+    if scores["rule"] == "cam":
+      cams = scores["rw_cams"] * np.asarray(image_tags, np.float32)
+      seeds.append(cams / (cams.max(axis=(0, 1)) + 1e-5))
+    else:
+      seeds.append(stride4_scores(export.tagged_seeds(scores, image_tags)))
+  return seeds
+
+
 def random_walk_label_maps(rsepm_model, rsepm_variables, affinity_model, affinity_variables,
                            images, tags, config, radius=5, beta=10.0, exp_times=8,
                            bg_threshold=0.25, edge_size=affinity.GET_EDGE_SIZE, crf_iters=0):
   """uint8 `[H_i, W_i]` random-walk labels (0 background, c + 1 class c) of uint8 RGB
   `images [H_i, W_i, 3]` with GT `tags` (bool `[C]` each); module docstring, steps 1-4;
   `crf_iters > 0`: then IRNet's label-mode dense CRF with that many iterations (Puzzle-CAM: 1)."""
-  seeds = export.single_stage_seeds(rsepm_model, rsepm_variables, images, tags, config.inference)
+  seeds = walk_seeds(rsepm_model, rsepm_variables, images, tags, config.inference)
   labels = []
   for image, image_seeds, image_tags in zip(images, seeds, tags):
     edge = affinity.get_edge(affinity_model, affinity_variables, image, edge_size)
-    label = _random_walk_labels(stride4_scores(image_seeds)[None], edge[None],
+    label = _random_walk_labels(image_seeds[None], edge[None],
                                 image_size=tuple(image.shape[:2]), bg_threshold=bg_threshold,
                                 radius=int(radius), beta=beta, exp_times=int(exp_times))
     if crf_iters:

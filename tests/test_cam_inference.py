@@ -10,6 +10,7 @@ from rsepm_jax import config_check
 from rsepm_jax import export
 from rsepm_jax import inference
 from rsepm_jax import paper_eval
+from rsepm_jax import random_walk_export
 from rsepm_jax.configs import demo
 from tests import test_inference
 from tests import test_paper_eval
@@ -28,7 +29,7 @@ def reference(image, variables, scales, hflip, straight_to_image=False, unflip_a
   """A.5 view by view: bilinear (OpenCV, half-pixel) view of int(h*s) x int(w*s); the stub's CAM
   grid; A_s = relu(F) + relu(F_flip) un-flipped on the grid; each A_s bilinearly resized to
   stride * ceil(H / stride) and cropped to H x W; summed over the scales; each class over its
-  max + 1e-5. Mutations: `straight_to_image` resizes A_s to H x W directly; `unflip_at_image`
+  max + 1e-5 ("cams"); "rw": each A_s resized to ceil(H / 4) x ceil(W / 4), summed. Mutations: `straight_to_image` resizes A_s to H x W directly; `unflip_at_image`
   un-flips the flipped view's map after its resize instead of on the grid."""
   cam = variables["params"]["cam"]
   height, width = image.shape[:2]
@@ -40,7 +41,7 @@ def reference(image, variables, scales, hflip, straight_to_image=False, unflip_a
       return cv2.resize(maps, (width, height), interpolation=cv2.INTER_LINEAR)
     return cv2.resize(maps, (up_w, up_h), interpolation=cv2.INTER_LINEAR)[:height, :width]
 
-  total, scores = 0.0, []
+  total, rw, scores = 0.0, 0.0, []
   for scale in scales:
     view = cv2.resize(x, (int(width * scale), int(height * scale)),
                       interpolation=cv2.INTER_LINEAR)
@@ -48,11 +49,13 @@ def reference(image, variables, scales, hflip, straight_to_image=False, unflip_a
       logits = (view[:, ::-1] if flip else view)[::STRIDE, ::STRIDE] @ cam
       scores.append(1 / (1 + np.exp(-logits.mean(axis=(0, 1)))))
       heat = np.maximum(logits, 0).astype(np.float32)
+      rw = rw + cv2.resize(heat[:, ::-1] if flip else heat, (-(-width // 4), -(-height // 4)),
+                           interpolation=cv2.INTER_LINEAR)
       if flip and unflip_at_image:
         total = total + resized(heat)[:, ::-1]
       else:
         total = total + resized(heat[:, ::-1] if flip else heat)
-  return {"pred_class": np.mean(scores, axis=0), "sum": total,
+  return {"pred_class": np.mean(scores, axis=0), "sum": total, "rw": rw,
           "cams": total / (total.max(axis=(0, 1)) + 1e-5)}
 
 
@@ -68,6 +71,7 @@ def test_cam_only_networks_follow_a5(size, hflip):
   np.testing.assert_allclose(got["pred_mask"][..., 1:], want["sum"], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got["cams"], want["cams"], atol=2e-5)
   np.testing.assert_allclose(got["pred_class"], want["pred_class"], atol=2e-6)
+  np.testing.assert_allclose(got["rw_cams"], want["rw"], rtol=1e-5, atol=1e-5)
   if size[0] % STRIDE:  # the two mutations are caught where the grid overhangs the image
     for mutation in ("straight_to_image", "unflip_at_image")[:1 + hflip]:
       wrong = reference(image, variables, SCALES, hflip, **{mutation: True})["cams"]
@@ -86,6 +90,7 @@ def test_cam_only_images_batched_and_bucketed_each_get_their_own_result():
       want = reference(image, variables, SCALES, True)
       np.testing.assert_allclose(result["cams"], want["cams"], atol=2e-5)
       np.testing.assert_allclose(result["pred_class"], want["pred_class"], atol=2e-6)
+      np.testing.assert_allclose(result["rw_cams"], want["rw"], rtol=1e-5, atol=1e-5)
 
 
 def paper_config():
@@ -127,20 +132,27 @@ def test_paper_eval_of_a_cam_only_network_sweeps_the_a5_cams_by_hand():
   assert paper[:, 1:].sum() > 0  # the CAMs beat the background somewhere
 
 
-def test_confident_labels_of_a_cam_only_network_threshold_its_a5_cams(tmp_path):
-  """`export.single_stage_seeds` (the random walk's seeds too) are the tagged A.5 CAMs; the
-  "confident" protocol thresholds them (CRF off) as IRNet's cam_to_ir_label."""
+def test_confident_labels_and_walk_seeds_of_a_cam_only_network_are_its_a5_cams(tmp_path):
+  """`export.single_stage_seeds` are the tagged A.5 `hr_cam`; the "confident" protocol
+  thresholds them (CRF off) as IRNet's cam_to_ir_label; the random walk's seeds are the tagged
+  A.5 stride-4 `cam`, each class over its max + 1e-5."""
   config = paper_config()
   config.affinity.crf = False
   batch, crops = test_random_walk_export.records()
   variables = test_inference.stub_variables()
   images, tags = [image for image, _ in crops], [image_tags for _, image_tags in crops]
   seeds = export.single_stage_seeds(cam_net(), variables, images, tags, config.inference)
+  walk = random_walk_export.walk_seeds(cam_net(), variables, images, tags, config.inference)
   out_dir = epath.Path(tmp_path)
   assert export.write_confident_labels(cam_net(), variables, config, [batch], out_dir) == (3, 0)
   unsure = 0
-  for image_id, image, image_tags, image_seeds in zip("abc", images, tags, seeds):
-    want = reference(image, variables, SCALES, True)["cams"] * image_tags
+  for image_id, image, image_tags, image_seeds, walk_seeds in zip("abc", images, tags, seeds,
+                                                                  walk):
+    ref = reference(image, variables, SCALES, True)
+    want_walk = ref["rw"] * image_tags
+    np.testing.assert_allclose(walk_seeds, want_walk / (want_walk.max(axis=(0, 1)) + 1e-5),
+                               atol=2e-5)
+    want = ref["cams"] * image_tags
     np.testing.assert_allclose(image_seeds, want, atol=2e-5)
     fg = test_random_walk_export.argmax_with_background(0.30, want)
     bg = test_random_walk_export.argmax_with_background(0.05, want)
