@@ -217,6 +217,31 @@ def _valid_cells(sizes, padded_h, padded_w, stride):
   return valid
 
 
+def _cam_matrices(sizes, shapes, padded_view, padded_out, stride, num_flips):
+  """A.5's interpolation matrices of views of `sizes` of images of `shapes` ((h, w) lists),
+  padded to `padded_view` and `padded_out`: [rows `[N, H, gh]`, cols `[N, V, W, gw]`] to
+  stride * ceil(n / stride) cropped to n (`hr_cam`), then the same straight to ceil(n / RW_STRIDE)
+  (`cam`); the flipped views' columns reversed on the CAM grid (IRNet un-flips there)."""
+  def per_image(axis, rw):
+    out = _grid(padded_out[axis], RW_STRIDE) if rw else padded_out[axis]
+    return [_bilinear_matrix(_grid(view[axis], stride), _grid(n, RW_STRIDE) if rw else n,
+                             _grid(padded_view[axis], stride), out,
+                             resized=None if rw else _grid(n, stride) * stride)
+            for view, n in zip(sizes, (shape[axis] for shape in shapes))]
+
+  def with_grid_flip(cols, grid_width):  # [W', gw'] -> [V, W', gw']: cell x un-flipped
+    flipped = cols.copy()
+    flipped[:, :grid_width] = cols[:, :grid_width][:, ::-1]
+    return np.stack([cols, flipped][:num_flips])
+
+  weights = []
+  for rw in (False, True):
+    weights += [np.stack(per_image(0, rw)),
+                np.stack([with_grid_flip(cols, _grid(w, stride))
+                          for cols, (_, w) in zip(per_image(1, rw), sizes)])]
+  return weights
+
+
 def _run_group(model, variables, images, scales, hflip, size_bucket, stage2_merge):
   """`multiscale` of images sharing one `_group_key`: one device call per scale."""
   rule, stride = inference_rule(model, variables)
@@ -256,28 +281,9 @@ def _run_group(model, variables, images, scales, hflip, size_bucket, stage2_merg
                                                   _grid(padded_w, stride), out_w), width)
                        for (_, w), (_, width) in zip(sizes, shapes)])
       sums = _stage2_sums(model, variables, views, rows, cols)
-    else:  # "cam" (A.5): un-flipped on the CAM grid
-      def with_grid_flip(cols, grid_width):  # [W', gw'] -> [V, W', gw']: cell x un-flipped
-        flipped = cols.copy()
-        flipped[:, :grid_width] = cols[:, :grid_width][:, ::-1]
-        return np.stack([cols, flipped][:num_flips])
-
-      def cam_matrices(view_sizes, image_sizes, padded_view, padded_out, rw):
-        """Per image: to stride * ceil(n / stride) cropped to n (`hr_cam`), or with `rw`
-        straight to ceil(n / RW_STRIDE) (`cam`)."""
-        return [_bilinear_matrix(_grid(view, stride), _grid(n, RW_STRIDE) if rw else n,
-                                 _grid(padded_view, stride), padded_out,
-                                 resized=None if rw else _grid(n, stride) * stride)
-                for view, n in zip(view_sizes, image_sizes)]
-
-      weights = []
-      for rw in (False, True):
-        out_rows, out_cols = (_grid(out_h, RW_STRIDE), _grid(out_w, RW_STRIDE)) if rw else (
-            out_h, out_w)
-        rows = cam_matrices([h for h, _ in sizes], [h for h, _ in shapes], padded_h, out_rows, rw)
-        cols = cam_matrices([w for _, w in sizes], [w for _, w in shapes], padded_w, out_cols, rw)
-        weights += [np.stack(rows), np.stack([with_grid_flip(c, _grid(w, stride))
-                                              for c, (_, w) in zip(cols, sizes)])]
+    else:  # "cam" (A.5)
+      weights = _cam_matrices(sizes, shapes, (padded_h, padded_w), (out_h, out_w), stride,
+                              num_flips)
       sums = _cam_sums(model, stride, variables, views, *weights,
                        _valid_cells(sizes, padded_h, padded_w, stride))
     totals = sums if totals is None else [a + b for a, b in zip(totals, sums)]
