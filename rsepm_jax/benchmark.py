@@ -29,6 +29,13 @@ Rows (`--rows`, comma-separated; default all but `compare`, which is added when 
               backbone, batch and crop, on the train row's synthetic batch (masks random).
   random_walk the random walk (config.rw) on the stride-4 grid of that 3/4 x component_size
               image, the config's classes.
+  cam_train, puzzlecam_train
+              the CAM classifier alone (no decoder) trained by the classification loss, and by
+              Puzzle-CAM's step (a second pass on the 2x2 tiles, three losses), the config's
+              backbone, batch and crop; the Puzzle-CAM row notes its time over the CAM row's.
+  resnest_train
+              Puzzle-CAM's step with a ResNeSt-50 backbone (the config's backbone when it is a
+              ResNeSt), batch and crop (not a default row on a CPU: it compiles for minutes).
   compare     our JAX train step against a PyTorch train step written here from the spec
               (torchvision ResNet, random init; DeepLabv3+ head; CAM classifier; SCG; PAMR in
               the unfold formulation; SGD), both float32 without mixing, at `--compare_batch` x
@@ -77,7 +84,8 @@ from rsepm_jax.refine import random_walk
 from rsepm_jax.refine import scg
 
 ALL_ROWS = ("train", "mix", "eval", "pamr", "pamr_torch", "scg", "canny", "epm", "crf", "msflip",
-            "msflip_crf", "deeplab_train", "affinity_train", "random_walk", "compare")
+            "msflip_crf", "deeplab_train", "affinity_train", "random_walk", "cam_train",
+            "puzzlecam_train", "resnest_train", "compare")
 
 # Peak dense (non-sparse) bf16 tensor FLOP/s per device, from the vendors' datasheets (NVIDIA
 # H100/H200 and A100 datasheets, Google Cloud TPU system-architecture pages). First substring
@@ -202,6 +210,13 @@ def synthetic_batch(batch_size, size, num_classes, seed=0):
   }
 
 
+def random_cams(settings, batch_size, grid, num_classes):
+  """Random CAM logits `[B, grid, grid, C]` for a mixing kind that reads the CAMs, else None."""
+  if settings.kind not in edge_predict_mix.CAM_KINDS:
+    return None
+  return jax.random.normal(jax.random.key(3), (batch_size, grid, grid, num_classes))
+
+
 def phases_on(config, decoder_source=True):
   """A copy of `config` whose step runs RecurSeed (and the mixing) from step 0."""
   config = config.copy_and_resolve_references()
@@ -295,8 +310,9 @@ class Benchmark:
                         jnp.int32)
     probs = jax.nn.one_hot(seeds, num_classes + 1)
     labels, box = jnp.asarray(host["labels"]), jnp.asarray(host["crop_box"])
+    cams = random_cams(settings, batch_size, size // train_step.cam_stride(config), num_classes)
     mix_fn = jax.jit(lambda key, im, sd, pr: edge_predict_mix.mix_batch(
-        key, im, sd, pr, labels, box, settings))
+        key, im, sd, pr, labels, box, settings, cams))
     images = train_step.model_inputs({k: jnp.asarray(v) for k, v in host.items()})
     return [measure("mix", f"{config.mix.kind} mix_batch on the train batch", mix_fn,
                     (state_lib.prng_key(2), images, seeds, probs), self.repeats, batch_size)]
@@ -369,8 +385,9 @@ class Benchmark:
     labels = jnp.ones((batch, 20), jnp.float32)
     box = jnp.tile(jnp.array([[0, 0, size, size]], jnp.int32), (batch, 1))
     settings = train_step.mix_settings(self.config) or edge_predict_mix.MixSettings()
+    cams = random_cams(settings, batch, size // 16, labels.shape[1])
     fn = jax.jit(lambda key, im, sd, pr: edge_predict_mix.mix_batch(
-        key, im, sd, pr, labels, box, settings))
+        key, im, sd, pr, labels, box, settings, cams))
     return [measure("epm", f"{settings.kind} mix_batch {batch}x{size}px "
                     f"(edges: {settings.edge_source})", fn,
                     (state_lib.prng_key(0), images, seeds, masks), self.repeats, batch)]
@@ -453,6 +470,10 @@ class Benchmark:
       config.model.low_level_channels = 48
     else:  # the boundary network: only the edge layers learn
       config.optim.lr_backbone_weight = config.optim.lr_backbone_bias = 0.0
+    return self._config_row(key, what, config)
+
+  def _config_row(self, key, what, config):
+    """Train-step row of `config` (its step module, backbone, batch and crop)."""
     setup = TrainSetup(config)
     compiled, compile_s, runs = setup.run(self.repeats)
     name = (f"{what} train step, {config.model.backbone}, batch {setup.batch_size} x "
@@ -461,6 +482,24 @@ class Benchmark:
 
   def row_deeplab_train(self):
     return self._stage_row("deeplab_train", "deeplabv3plus", "DeepLabv3+ (low-level 48)")
+
+  def _classifier_row(self, key, method, what, backbone=None):
+    """Train-step row of the CAM classifier (no decoder) trained by `method`."""
+    config = self.config.copy_and_resolve_references()
+    config.method, config.model.with_decoder, config.mix.kind = method, False, "none"
+    config.model.backbone = backbone or config.model.backbone
+    return self._config_row(key, what, config)
+
+  def row_cam_train(self):
+    return self._classifier_row("cam_train", "rsepm", "CAM classifier (L_cls)")
+
+  def row_puzzlecam_train(self):
+    return self._classifier_row("puzzlecam_train", "puzzlecam", "Puzzle-CAM")
+
+  def row_resnest_train(self):
+    backbone = self.config.model.backbone
+    return self._classifier_row("resnest_train", "puzzlecam", "Puzzle-CAM",
+                                backbone if backbone.startswith("resnest") else "resnest50")
 
   def row_affinity_train(self):
     return self._stage_row("affinity_train", "affinity",
@@ -836,6 +875,8 @@ def device_info():
 
 def default_rows(components_only=False):
   rows = [r for r in ALL_ROWS if r != "compare"]
+  if jax.default_backend() == "cpu":  # ResNeSt-50's step compiles for ~8 min on a laptop CPU
+    rows.remove("resnest_train")
   if components_only:
     rows = [r for r in rows if r not in ("train", "mix", "eval", "msflip", "msflip_crf")]
   try:
@@ -849,9 +890,12 @@ def default_rows(components_only=False):
 
 
 def add_step_shares(rows):
-  """Notes the mix row's share of the train step."""
+  """Notes the mix row's share of the train step, Puzzle-CAM's step over the CAM step."""
   train = next((r for r in rows if r["key"] == "train" and r["status"] == "ok"), None)
+  cam = next((r for r in rows if r["key"] == "cam_train" and r["status"] == "ok"), None)
   for row in rows:
+    if cam and row["key"] == "puzzlecam_train" and row["status"] == "ok":
+      row["note"] = f"{row['median_ms'] / cam['median_ms']:.2f}x the CAM step"
     if train and row["key"] == "mix" and row["status"] == "ok":
       row["note"] = f"{100 * row['median_ms'] / train['median_ms']:.0f}% of the train step"
     if row["key"] == "pamr_torch" and row["status"] == "ok":

@@ -6,7 +6,7 @@ from rsepm_jax.configs import demo
 from rsepm_jax import benchmark
 
 ROWS = ("train", "mix", "eval", "pamr", "scg", "canny", "epm", "crf", "deeplab_train",
-        "affinity_train", "random_walk", "msflip", "msflip_crf")
+        "affinity_train", "random_walk", "msflip", "msflip_crf", "cam_train", "puzzlecam_train")
 # One jitted program each: compile time, FLOPs and XLA's memory estimate.
 JITTED = tuple(key for key in ROWS if key not in ("crf", "msflip", "msflip_crf"))
 
@@ -50,6 +50,8 @@ def test_run_on_smoke_config(tmp_path):
   assert "| dense CRF 1x48x64x21, 10 iterations |" in table
   assert "| random walk 1x12x16x6, radius 5, 256 steps |" in table
   assert "DeepLabv3+ (low-level 48) train step, tiny, batch 8 x 32px" in by_key["deeplab_train"]["name"]
+  assert by_key["puzzlecam_train"]["name"].startswith("Puzzle-CAM train step, tiny")
+  assert by_key["puzzlecam_train"]["note"].endswith("x the CAM step")
 
 
 def test_isolated_rows_time_out_and_report():
