@@ -30,7 +30,7 @@ def multilabel_soft_margin(logits, labels):
 
   Args:
     logits: float `[B, C]`.
-    labels: `[B, C]` multi-hot targets in {0, 1}.
+    labels: `[B, C]` targets in [0, 1] (multi-hot, or Saliency Grafting's calibrated soft labels).
 
   Returns:
     float32 scalar. Uses log-sigmoid, so it stays finite for any finite logit.

@@ -128,6 +128,22 @@ def _place(state_dict, expected):
   return traverse_util.unflatten_dict(flat)
 
 
+def key_problems(state_dict, expected, ignored_prefix=None):
+  """["N missing keys: ...", "N unexpected keys: ...", "N shape mismatches: ..."] (only the
+  non-empty ones) of `state_dict` against `expected` {key: (collection, path, torch shape)};
+  `num_batches_tracked` and keys starting with `ignored_prefix` are not unexpected."""
+  given = {k for k in state_dict if not k.endswith("num_batches_tracked")}
+  missing = sorted(set(expected) - given)
+  unexpected = sorted(k for k in given - set(expected)
+                      if not (ignored_prefix and k.startswith(ignored_prefix)))
+  wrong_shape = [f"{key}: checkpoint {tuple(np.shape(state_dict[key]))}, model {shape}"
+                 for key, (_, _, shape) in sorted(expected.items())
+                 if key in given and tuple(np.shape(state_dict[key])) != shape]
+  return [f"{len(names)} {what}: {_listed(names)}"
+          for what, names in (("missing keys", missing), ("unexpected keys", unexpected),
+                              ("shape mismatches", wrong_shape)) if names]
+
+
 def from_timm_resnest(state_dict, depth, where="timm ResNeSt state dict"):
   """timm `resnest{50d,101e,200e,269e}` / original ResNeSt state dict {key: np.ndarray} ->
   `resnest.resnest(depth)` variables ({"params", "batch_stats"}, float32 numpy); `where` (e.g.
@@ -141,15 +157,8 @@ def from_timm_resnest(state_dict, depth, where="timm ResNeSt state dict"):
   """
   expected = expected_resnest_shapes(depth)
   given = {k for k in state_dict if not k.endswith("num_batches_tracked")}
-  missing = sorted(set(expected) - given)
-  unexpected = sorted(k for k in given - set(expected) if not k.startswith("fc."))
-  wrong_shape = [f"{key}: checkpoint {tuple(np.shape(state_dict[key]))}, model {shape}"
-                 for key, (_, _, shape) in sorted(expected.items())
-                 if key in given and tuple(np.shape(state_dict[key])) != shape]
-  if missing or unexpected or wrong_shape:
-    problems = [f"{len(names)} {what}: {_listed(names)}"
-                for what, names in (("missing keys", missing), ("unexpected keys", unexpected),
-                                    ("shape mismatches", wrong_shape)) if names]
+  problems = key_problems(state_dict, expected, ignored_prefix="fc.")
+  if problems:
     sizes = stage_sizes(given)
     found = {s: d for d, s in resnest.STAGE_SIZES.items()}.get(sizes)
     hint = (f" It has the blocks of a ResNeSt-{found} (config.model.backbone=resnest{found})."
@@ -386,15 +395,8 @@ def _from_official_layout(state_dict, template, where):
   depth = {sizes: depth for depth, sizes in resnet.STAGE_SIZES.items()}.get(stage_sizes(expected))
   if depth:  # a ResNet-101 checkpoint for a ResNet-50 is named as such
     check_depth([key for key in state_dict if key.startswith("model.")], depth, where)
-  given = {k for k in state_dict if not k.endswith("num_batches_tracked")}
-  missing, unexpected = sorted(set(expected) - given), sorted(given - set(expected))
-  wrong_shape = [f"{key}: checkpoint {tuple(np.shape(state_dict[key]))}, model {shape}"
-                 for key, (_, _, shape) in sorted(expected.items())
-                 if key in given and tuple(np.shape(state_dict[key])) != shape]
-  if missing or unexpected or wrong_shape:
-    problems = [f"{len(names)} {what}: {_listed(names)}"
-                for what, names in (("missing keys", missing), ("unexpected keys", unexpected),
-                                    ("shape mismatches", wrong_shape)) if names]
+  problems = key_problems(state_dict, expected)
+  if problems:
     sizes = {}
     for name, key, background in _OFFICIAL_SIZES:
       if key in state_dict:
