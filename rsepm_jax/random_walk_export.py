@@ -145,7 +145,7 @@ def export_random_walk(config, rsepm_workdir, affinity_config, affinity_workdir,
         out_dir, progress, radius=config.rw.radius, beta=config.rw.beta,
         exp_times=config.rw.exp_times, bg_threshold=config.rw.bg_threshold,
         edge_size=config.rw.edge_size, crf_iters=config.rw.crf_iters)
-  logging.info("Wrote %d random-walk label PNGs of split %r (RS+EPM step %d, AffinityNet step %d; "
-               "skipped %d already written) to %s.", written, split, rsepm_step, affinity_step,
-               skipped, out_dir)
+  logging.info("Wrote %d random-walk label PNGs of split %r (first-stage step %d, AffinityNet "
+               "step %d; skipped %d already written) to %s.", written, split, rsepm_step,
+               affinity_step, skipped, out_dir)
   return written
