@@ -202,8 +202,9 @@ def _range_problems(config, reads_data=True):
   checks += [(f"recurseed.{name}", 0 <= c.recurseed[name] <= 1, "in [0, 1]") for name in (
       "first_th", "second_th", "fg_th", "certain")]
   # A phase that starts past the end never runs: most likely num_epochs was lowered alone. The
-  # other networks have no phases.
-  checks += [(f"loss.{name}", c.model.arch != "rsepm" or 0 <= c.loss[name] <= c.train.num_epochs,
+  # other networks and Puzzle-CAM have no phases.
+  phased = c.model.arch == "rsepm" and c.method == "rsepm"
+  checks += [(f"loss.{name}", not phased or 0 <= c.loss[name] <= c.train.num_epochs,
               f"in [0, train.num_epochs={c.train.num_epochs}]")
              for name in ("rs_start_epoch", "mix_start_epoch")]
   # RecurSeed and the mixing work on the CAM grid: a crop must tile it exactly (evaluation

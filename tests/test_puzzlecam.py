@@ -5,6 +5,7 @@ from jax.sharding import Mesh
 import numpy as np
 import pytest
 
+from rsepm_jax import config_check
 from rsepm_jax import optimizer
 from rsepm_jax import parallel
 from rsepm_jax import puzzle_train_step
@@ -112,6 +113,15 @@ def test_step_loss_on_four_devices_equals_the_three_terms_computed_independently
 
 def test_train_picks_the_puzzle_step_and_configs_check_the_crop():
   assert train.step_module(_config()) is puzzle_train_step
+  config = _config()
+  config.train.num_epochs = 1  # RS+EPM's phase epochs do not apply to Puzzle-CAM
+  config_check.validate(config)
+  config.model.with_decoder, config.data.crop_size = True, 40
+  with pytest.raises(config_check.ConfigError) as error:
+    config_check.validate(config)
+  assert "config.model.with_decoder=True: expected False for method='puzzlecam'" in str(error.value)
+  assert "config.data.crop_size=40: expected for method='puzzlecam' a multiple of twice" in str(
+      error.value)
   config = puzzlecam_voc.get_config("smoke")
   assert (config.method, config.model.with_decoder) == ("puzzlecam", False)
   assert puzzlecam_voc.get_config().model.backbone == "resnest101"
