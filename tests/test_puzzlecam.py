@@ -1,4 +1,6 @@
 """Puzzle-CAM (components spec A.2-A.4): tiling, merging, the losses and the jitted step."""
+import json
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
@@ -127,3 +129,17 @@ def test_train_picks_the_puzzle_step_and_configs_check_the_crop():
   assert puzzlecam_voc.get_config().model.backbone == "resnest101"
   with pytest.raises(ValueError, match="unknown variant"):
     puzzlecam_voc.get_config("resnest102")
+
+
+def test_training_run_logs_the_alpha_ramp(tmp_path):
+  """`train_and_evaluate` with method=puzzlecam: the step, its metrics and the CAM evaluation."""
+  config = _config()
+  config.data.synthetic.num_train, config.data.synthetic.num_eval = 16, 8
+  config.train.log_every = 1
+  config.train.num_summary_images = 0
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert 0 <= results["cam"]["miou"] <= 1 and "decoder" not in results
+  logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  alphas = {row["step"]: row["alpha"] for row in logged if "alpha" in row}
+  # 2 epochs of 16 images at batch 8: alpha = 4 t / (4 * 0.5) at t = step - 1, at most 4.
+  assert alphas == pytest.approx({1: 0.0, 2: 2.0, 3: 4.0, 4: 4.0})
