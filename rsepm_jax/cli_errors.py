@@ -13,11 +13,12 @@ INPUT_ERRORS = (records.BadRecordError, preflight.BadSplitError, FileNotFoundErr
 
 
 @contextlib.contextmanager
-def one_line_errors():
-  """Turns a config error (its message names every key) or an input error into `SystemExit`."""
+def one_line_errors(*more_input_errors):
+  """Turns a config error (its message names every key), an input error or one of
+  `more_input_errors` (a command's own) into `SystemExit`."""
   try:
     yield
   except config_check.ConfigError as error:
     raise SystemExit(str(error)) from None
-  except INPUT_ERRORS as error:  # bad or missing data: the message names the files
+  except INPUT_ERRORS + more_input_errors as error:  # the message names the files
     raise SystemExit(f"{type(error).__name__}: {error}") from None

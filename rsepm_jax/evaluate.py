@@ -140,15 +140,15 @@ def report(results, config, workdir, step):
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = "_paper" if "paper" in results else ""
     (out_dir / f"step_{step}{suffix}.json").write_text(
-        json.dumps(_jsonable({**results, "class_names": names}), indent=2))
+        json.dumps(jsonable({**results, "class_names": names}), indent=2))
 
 
-def _jsonable(value):
+def jsonable(value):
   """Numpy scalars and arrays to plain JSON values, NaN (absent class) to null."""
   if isinstance(value, dict):
-    return {k: _jsonable(v) for k, v in value.items()}
+    return {k: jsonable(v) for k, v in value.items()}
   if isinstance(value, (list, tuple, np.ndarray)):
-    return [_jsonable(v) for v in np.asarray(value).tolist()]
+    return [jsonable(v) for v in np.asarray(value).tolist()]
   if isinstance(value, (float, np.floating)):
     return None if np.isnan(value) else float(value)
   if isinstance(value, np.integer):
